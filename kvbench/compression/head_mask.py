@@ -1,0 +1,78 @@
+"""Per-head masking for head-adaptive caches, in every attention implementation.
+
+A head-adaptive layer stores each head's kept tokens padded to a common length; the padding must get zero
+attention. The masks transformers builds are shared by all heads, so a forward pre-hook on each attention
+module replaces them with a ``[batch, heads, q, kv]`` additive mask when the layer it reads from carries a
+``head_mask``. eager and sdpa take such a mask; flash-attention kernels cannot, so for those layers the call
+is routed through sdpa (same math). The hooks are installed once per model and stay: the compressed cache
+outlives ``kvbench.compress``, and for ordinary caches the hook returns at its first check.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvbench.compression import model_access
+from kvbench.compression.cache import CompressedLayer, layer_of
+
+MASKABLE = ("eager", "sdpa")
+_FLAG = "_kvbench_head_mask_hooks"
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and (hasattr(m, "o_proj") or hasattr(m, "dense"))
+            and (hasattr(m, "q_proj") or hasattr(m, "query_key_value"))]
+
+
+def _cache_from(kwargs: dict):
+    return kwargs.get("past_key_values", kwargs.get("layer_past"))
+
+
+def per_head_mask(layer: CompressedLayer, q_len: int, incoming: torch.Tensor | None, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [b, n_heads, q, P + A + q]: per-head keep mask over the P compressed tokens, all A
+    tokens appended since, causal over the q new ones."""
+    head_mask = layer.head_mask
+    b, kv_heads, n_compressed = head_mask.shape
+    appended = layer.keys.shape[-2] - n_compressed
+    device = head_mask.device
+    compressed = head_mask.repeat_interleave(n_heads // kv_heads, dim=1)[:, :, None, :].expand(b, n_heads, q_len, n_compressed)
+    earlier = torch.ones(b, n_heads, q_len, appended, dtype=torch.bool, device=device)
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril().expand(b, n_heads, q_len, q_len)
+    allowed = torch.cat([compressed, earlier, causal], dim=-1)
+    # The model builds one mask from layer 0's length; reuse it (padding) only where this layer agrees.
+    if isinstance(incoming, torch.Tensor) and incoming.dim() == 4 and incoming.shape[-1] == allowed.shape[-1]:
+        allowed = allowed & (incoming if incoming.dtype == torch.bool else incoming == 0)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    layer = layer_of(_cache_from(kwargs), module.layer_idx)
+    if not isinstance(layer, CompressedLayer) or layer.head_mask is None:
+        return None
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    kwargs["attention_mask"] = per_head_mask(
+        layer, hidden.shape[1], kwargs.get("attention_mask"), model_access.num_heads(module), hidden.dtype
+    )
+    implementation = module.config._attn_implementation
+    if implementation not in MASKABLE:
+        module._kvbench_routed_from = implementation
+        module.config._attn_implementation_internal = "sdpa"
+    return args, kwargs
+
+
+def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    routed_from = getattr(module, "_kvbench_routed_from", None)
+    if routed_from is not None:
+        module.config._attn_implementation_internal = routed_from
+        module._kvbench_routed_from = None
+    return output
+
+
+def install(model: nn.Module) -> None:
+    for module in attention_modules(model):
+        if getattr(module, _FLAG, False):
+            continue
+        module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+        module.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+        setattr(module, _FLAG, True)

@@ -1,0 +1,97 @@
+"""Family-specific access to an attention module: head counts, query/key projections, output projection.
+
+Presses need queries (SnapKV's window, Expected Attention's statistics, Compactor's chunks), pre-RoPE keys
+and the per-head output projection (CriticalKV). Those live in differently named weights per family
+(Llama/Mistral/Qwen2 ``q_proj``; Qwen3 adds ``q_norm``; GPT-NeoX fuses ``query_key_value`` and rotates
+only part of each head). This module is the one place that knows those names, so presses stay generic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SEPARATE_QKV = ("llama", "mistral", "qwen2", "qwen3")
+FUSED_QKV = ("gpt_neox",)
+
+
+def model_type(module: nn.Module) -> str:
+    return module.config.model_type
+
+
+def head_dim(module: nn.Module) -> int:
+    return getattr(module, "head_dim", None) or module.head_size
+
+
+def num_heads(module: nn.Module) -> int:
+    return module.config.num_attention_heads
+
+
+def num_kv_heads(module: nn.Module) -> int:
+    config = module.config
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _split_fused(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, n, _ = hidden_states.shape
+    qkv = module.query_key_value(hidden_states).view(b, n, -1, 3 * head_dim(module)).transpose(1, 2)
+    return qkv.chunk(3, dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [b, h, n, d] with cos/sin [b, n, r]; dims past r (partial rotary) pass through."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    rot = rot * cos + rotate_half(rot) * sin
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+def pre_rope_queries(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Queries before RoPE, [b, num_heads, n, head_dim], with q-norm where the model has one."""
+    if model_type(module) in FUSED_QKV:
+        return _split_fused(module, hidden_states)[0]
+    b, n, _ = hidden_states.shape
+    q = module.q_proj(hidden_states).view(b, n, -1, head_dim(module))
+    if hasattr(module, "q_norm"):
+        q = module.q_norm(q)
+    return q.transpose(1, 2)
+
+
+def pre_rope_keys(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Keys before RoPE, [b, kv_heads, n, head_dim], with k-norm where the model has one."""
+    if model_type(module) in FUSED_QKV:
+        return _split_fused(module, hidden_states)[1]
+    b, n, _ = hidden_states.shape
+    k = module.k_proj(hidden_states).view(b, n, -1, head_dim(module))
+    if hasattr(module, "k_norm"):
+        k = module.k_norm(k)
+    return k.transpose(1, 2)
+
+
+def queries(module: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE queries exactly as the attention module computes them, [b, num_heads, n, head_dim]."""
+    return apply_rope(pre_rope_queries(module, hidden_states), cos, sin)
+
+
+def output_projection(module: nn.Module) -> torch.Tensor:
+    """The output projection weight, [hidden, num_heads * head_dim] (columns grouped by head)."""
+    layer = module.dense if model_type(module) in FUSED_QKV else module.o_proj
+    return layer.weight
+
+
+def find_rotary_embedding(model: nn.Module) -> nn.Module:
+    """The model's shared rotary-embedding module (``<base>.rotary_emb``), used to rotate future positions."""
+    base = getattr(model, "base_model", model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        for name, child in model.named_modules():
+            if name.endswith("rotary_emb"):
+                return child
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module; kvbench needs a RoPE model")
+    return rotary

@@ -1,0 +1,69 @@
+"""Expected Attention: score keys by the attention that *future* queries are expected to give them.
+
+Future queries are modelled as Gaussian: mean and covariance of the context's pre-RoPE queries, rotated
+by the RoPE rotation averaged over the next ``n_future_positions`` positions. For a Gaussian query the
+expected exponentiated logit is exp(mu'.k/sqrt(d) + k^T Sigma' k / (2d)), whose softmax over keys is the
+expected attention. Multiplying by ||v|| accounts for how much each value can move the output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.compression import model_access
+from kvbench.presses.base import LayerState, Press
+
+
+def mean_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Average RoPE rotation matrix [head_dim, head_dim] over the positions of cos/sin ``[n, r]``.
+
+    RoPE (rotate-half layout) maps (x1, x2) -> (x1*c1 - x2*s1, x2*c2 + x1*s2) on the first r dims and
+    leaves the rest (partial rotary) unchanged; it is linear, so its mean over positions is the matrix of
+    mean cos / mean sin blocks.
+    """
+    c, s = cos.float().mean(dim=0), sin.float().mean(dim=0)
+    r, half = c.shape[-1], c.shape[-1] // 2
+    rot = torch.eye(head_dim, device=cos.device)
+    idx1 = torch.arange(half, device=cos.device)
+    idx2 = idx1 + half
+    rot[idx1, idx1] = c[:half]
+    rot[idx1, idx2] = -s[:half]
+    rot[idx2, idx2] = c[half:r]
+    rot[idx2, idx1] = s[half:r]
+    return rot
+
+
+@dataclass
+class ExpectedAttentionPress(Press):
+    n_future_positions: int = 512
+    n_sink: int = 4
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        module, keys = state.module, state.keys
+        b, kv_heads, seq_len, d = keys.shape
+        sink = min(self.n_sink, seq_len - 1)
+        q = model_access.pre_rope_queries(module, state.hidden_states[:, sink:]).float()  # [b, H, n, d]
+        n_heads = q.shape[1]
+        mu = q.mean(dim=2)
+        positions = torch.arange(seq_len, seq_len + self.n_future_positions, device=keys.device)[None]
+        cos, sin = state.rotary(positions)
+        rot = mean_rotation(cos[0], sin[0], d)
+        mu = mu @ rot.T
+        k = keys.float().repeat_interleave(n_heads // kv_heads, dim=1)  # [b, H, L, d]
+        logits = torch.einsum("bhld,bhd->bhl", k, mu) / math.sqrt(d)
+        if self.use_covariance and q.shape[2] > 1:
+            centred = q - q.mean(dim=2, keepdim=True)
+            cov = centred.transpose(-1, -2) @ centred / q.shape[2]
+            cov = rot @ cov @ rot.T
+            logits = logits + torch.einsum("bhld,bhde,bhle->bhl", k, cov, k) / (2 * d)
+        scores = logits.softmax(dim=-1).view(b, kv_heads, n_heads // kv_heads, seq_len).mean(dim=2)
+        if self.use_vnorm:
+            scores = (scores + self.epsilon) * state.values.float().norm(dim=-1)
+        scores[..., :sink] = float("inf")
+        return scores

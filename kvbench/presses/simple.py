@@ -1,0 +1,52 @@
+"""Presses whose score needs no attention: the baseline, key norm, random and StreamingLLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.presses.base import LayerState, Press
+
+
+@dataclass
+class NoPress(Press):
+    """The baseline: keeps everything whatever ratio it is given, so its runs are the reference."""
+
+    def n_kept(self, seq_len: int) -> int:
+        return seq_len
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        return torch.zeros(state.keys.shape[:-1], device=state.keys.device)
+
+
+@dataclass
+class KnormPress(Press):
+    """Keys with a small L2 norm draw more attention (arXiv:2406.11430), so score = -||k|| (post-RoPE)."""
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        return -state.keys.float().norm(dim=-1)
+
+
+@dataclass
+class RandomPress(Press):
+    """Seeded random scores: the floor any real method must beat. Seed offset by layer so layers differ."""
+
+    seed: int = 0
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        generator = torch.Generator(device=state.keys.device).manual_seed(self.seed + state.layer_idx)
+        return torch.rand(state.keys.shape[:-1], generator=generator, device=state.keys.device)
+
+
+@dataclass
+class StreamingLLMPress(Press):
+    """StreamingLLM (arXiv:2309.17453): attention sinks (first ``n_sink`` tokens) plus the most recent tokens."""
+
+    n_sink: int = 4
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        b, h, seq_len, _ = state.keys.shape
+        recency = torch.arange(seq_len, device=state.keys.device, dtype=torch.float32) / seq_len
+        recency[: self.n_sink] = 2.0
+        return recency.expand(b, h, seq_len)

@@ -1,0 +1,63 @@
+"""SnapKV (arXiv:2404.14469): the last ``window_size`` context queries vote for the keys worth keeping."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvbench.compression import model_access
+from kvbench.errors import KVBenchError
+from kvbench.presses.base import LayerState, Press
+
+
+def pool_same_length(x: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """1-D pooling along the last dim that keeps its length (smooths votes onto neighbouring tokens)."""
+    if kernel_size <= 1 or x.shape[-1] == 0:
+        return x
+    shape = x.shape
+    flat = x.reshape(-1, 1, shape[-1])
+    pad = kernel_size // 2
+    if pooling == "avg":
+        out = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad)
+    elif pooling == "max":
+        out = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
+    else:
+        raise KVBenchError(f"unknown pooling '{pooling}'; use avg or max")
+    return out[..., : shape[-1]].reshape(shape)
+
+
+def window_attention(state: LayerState, window: int) -> torch.Tensor:
+    """Attention of the last ``window`` queries over all keys, fp32, causal inside the window.
+
+    Returns ``[batch, kv_heads, group, window, seq]`` so GQA groups can be reduced by the caller.
+    """
+    module, keys = state.module, state.keys
+    seq_len = state.seq_len
+    q = model_access.queries(module, state.hidden_states[:, -window:], state.cos[:, -window:], state.sin[:, -window:])
+    b, n_heads, _, d = q.shape
+    kv_heads = keys.shape[1]
+    q = q.view(b, kv_heads, n_heads // kv_heads, window, d).float()
+    logits = torch.einsum("bhgwd,bhld->bhgwl", q, keys.float()) / math.sqrt(d)
+    future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., seq_len - window :] = logits[..., seq_len - window :].masked_fill(future, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+@dataclass
+class SnapKVPress(Press):
+    window_size: int = 64
+    kernel_size: int = 5
+    pooling: str = "avg"
+
+    def score(self, state: LayerState) -> torch.Tensor:
+        seq_len = state.seq_len
+        window = min(self.window_size, seq_len)
+        votes = window_attention(state, window).mean(dim=-2)[..., : seq_len - window]
+        votes = pool_same_length(votes, self.kernel_size, self.pooling).mean(dim=2)
+        # The window is always kept; a ramp above any attention mass prefers its most recent tokens
+        # when the budget is smaller than the window.
+        ramp = 2.0 + torch.arange(window, device=votes.device, dtype=votes.dtype) / window
+        return torch.cat([votes, ramp.expand(*votes.shape[:-1], window)], dim=-1)
