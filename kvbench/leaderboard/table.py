@@ -1,0 +1,347 @@
+"""Turn a tree of run directories into one tidy table, and that table into per-dataset score grids.
+
+Everything downstream (CSV, Markdown, plots, HTML, W&B, paper figures) reads the single DataFrame built
+here, so naming and ordering decisions are made once: a press line is identified by its *label*
+(press + query-aware flag + variant), ratios are rendered the way run names print them, and runs that
+cannot be read are reported rather than crashing a leaderboard built from hundreds of sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+import yaml
+
+from kvbench.errors import KVBenchError
+
+RESULT_FILES = ("config.yaml", "metrics.json", "predictions.csv")
+NO_PRESS = "no_press"
+QUERY_AWARE_VARIANT = "query_aware"
+# Directories the tooling itself writes next to the runs; they are never runs.
+RESERVED_DIRS = frozenset({"leaderboard", "wandb", "multirun", "outputs"})
+
+SPEED_COLUMNS = (
+    "prefill_seconds",
+    "compression_seconds",
+    "ttft_seconds",
+    "seconds_per_token",
+    "kv_bytes_before",
+    "kv_bytes_after",
+    "peak_memory_bytes",
+)
+PERPLEXITY_COLUMNS = ("perplexity", "no_press_perplexity", "perplexity_delta", "perplexity_ratio")
+BASE_COLUMNS = (
+    "dataset",
+    "model",
+    "press",
+    "label",
+    "compression_ratio",
+    "ratio_label",
+    "query_aware",
+    "variant",
+    "score",
+    "higher_is_better",
+    "num_samples",
+    "context_length",
+    "budget",
+    "seed",
+)
+DERIVED_COLUMNS = ("prefill_compression_seconds", "wall_seconds")
+TAIL_COLUMNS = ("run_name", "run_dir")
+BREAKDOWN_PREFIXES = ("task:", "bucket:", "cell:")
+
+
+class SkippedRun(NamedTuple):
+    """A directory that looked like a run but could not be used; kept so the CLI can say why."""
+
+    path: Path
+    reason: str
+
+
+def format_ratio(ratio: float) -> str:
+    """Print a ratio the way run names do (``0.50``, ``0.875``) so tables and file names agree."""
+    text = f"{ratio:.2f}"
+    if abs(float(text) - ratio) > 1e-9:
+        text = f"{ratio:.6f}".rstrip("0")
+    return text
+
+
+def line_label(press: str, query_aware: bool = False, variant: str = "") -> str:
+    """One legend entry per distinct method: query-aware runs and variants must never be averaged together."""
+    label = str(press)
+    if query_aware:
+        label += " (query-aware)"
+    if variant:
+        label += f" [{variant}]"
+    return label
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
+    # per_cell may be nested ({context_length: {depth: score}}); a flat column per leaf keeps the CSV tidy.
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}/{key}" if prefix else str(key), sub, out)
+    elif _is_number(value) or isinstance(value, bool):
+        out[prefix] = float(value)
+
+
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    """Parse one run directory into a flat row; raises ValueError with a short reason when unusable."""
+    missing = [name for name in RESULT_FILES if not (run_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"unparsable metrics.json ({exc.__class__.__name__})") from None
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"unparsable config.yaml ({exc.__class__.__name__})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError("metrics.json is not a JSON object")
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ValueError("config.yaml is not a mapping")
+    score = metrics.get("score")
+    if not _is_number(score):
+        raise ValueError("metrics.json has no numeric 'score'")
+
+    def section(name: str) -> dict[str, Any]:
+        value = config.get(name)
+        return value if isinstance(value, dict) else {}
+
+    name_parts = run_dir.name.split("__")
+
+    def pick(key: str, cfg_value: Any, part: int) -> Any:
+        if metrics.get(key) not in (None, ""):
+            return metrics[key]
+        if cfg_value not in (None, ""):
+            return cfg_value
+        return name_parts[part] if len(name_parts) > part else ""
+
+    dataset = str(pick("dataset", section("dataset").get("name"), 0))
+    model = str(pick("model", section("model").get("name"), 1))
+    press = str(pick("press", section("press").get("name"), 2))
+    ratio = metrics.get("compression_ratio", config.get("compression_ratio"))
+    if not _is_number(ratio):
+        try:
+            ratio = float(name_parts[3])
+        except (IndexError, ValueError):
+            raise ValueError("no compression_ratio in metrics.json or config.yaml") from None
+    ratio = 0.0 if press == NO_PRESS else float(ratio)
+
+    query_aware = bool(metrics.get("query_aware", config.get("query_aware", False)))
+    variant = metrics.get("variant")
+    if variant is None:
+        variant = "__".join(name_parts[4:])
+    # The harness folds the query-aware flag into the variant ("query_aware__window_size=32"); it is
+    # shown as a flag in the label, so keep it out of the variant text to avoid saying it twice.
+    parts = [p for p in str(variant).split("__") if p]
+    if QUERY_AWARE_VARIANT in parts:
+        query_aware = True
+        parts.remove(QUERY_AWARE_VARIANT)
+    variant = "__".join(parts)
+
+    higher = metrics.get("higher_is_better")
+    if not isinstance(higher, bool):
+        higher = dataset != "pg19"
+
+    row: dict[str, Any] = {
+        "dataset": dataset,
+        "model": model,
+        "press": press,
+        "label": line_label(press, query_aware, variant),
+        "compression_ratio": ratio,
+        "ratio_label": format_ratio(ratio),
+        "query_aware": query_aware,
+        "variant": variant,
+        "score": float(score),
+        "higher_is_better": higher,
+        "num_samples": metrics.get("num_samples"),
+        "context_length": section("dataset").get("context_length"),
+        "budget": metrics.get("budget", config.get("budget")),
+        "seed": config.get("seed"),
+        "wall_seconds": float(metrics["wall_seconds"]) if _is_number(metrics.get("wall_seconds")) else math.nan,
+        "run_name": str(metrics.get("run_name") or run_dir.name),
+        "run_dir": str(run_dir),
+    }
+    speed = metrics.get("speed") if isinstance(metrics.get("speed"), dict) else {}
+    for key in SPEED_COLUMNS:
+        row[key] = float(speed[key]) if _is_number(speed.get(key)) else math.nan
+    row["prefill_compression_seconds"] = row["prefill_seconds"] + (
+        0.0 if math.isnan(row["compression_seconds"]) else row["compression_seconds"]
+    )
+    for source, column in (
+        ("perplexity", "perplexity"),
+        ("no_press_perplexity", "no_press_perplexity"),
+        ("delta", "perplexity_delta"),
+        ("ratio", "perplexity_ratio"),
+    ):
+        if _is_number(metrics.get(source)):
+            row[column] = float(metrics[source])
+    for key, prefix in (("per_task", "task:"), ("per_bucket", "bucket:"), ("per_cell", "cell:")):
+        breakdown: dict[str, float] = {}
+        if isinstance(metrics.get(key), dict):
+            _flatten("", metrics[key], breakdown)
+        for name, value in breakdown.items():
+            row[prefix + name] = value
+    return row
+
+
+def _looks_like_run(path: Path) -> bool:
+    if any((path / name).exists() for name in RESULT_FILES):
+        return True
+    return path.name not in RESERVED_DIRS and "__" in path.name
+
+
+def _bucket_key(column: str) -> tuple[float, str]:
+    # Length buckets ("0-4k", "4-8k", "8k+") should read left to right by length, not alphabetically.
+    match = re.match(r"bucket:(\d+(?:\.\d+)?)", column)
+    return (float(match.group(1)) if match else math.inf, column)
+
+
+def ordered_columns(columns: list[str]) -> list[str]:
+    """Stable, readable column order: identity, score, speed, perplexity, breakdowns, provenance."""
+    present = set(columns)
+    head = [c for c in (*BASE_COLUMNS, *SPEED_COLUMNS, *DERIVED_COLUMNS, *PERPLEXITY_COLUMNS) if c in present]
+    tasks = sorted(c for c in columns if c.startswith("task:"))
+    buckets = sorted((c for c in columns if c.startswith("bucket:")), key=_bucket_key)
+    cells = sorted(c for c in columns if c.startswith("cell:"))
+    tail = [c for c in TAIL_COLUMNS if c in present]
+    known = set(head) | set(tasks) | set(buckets) | set(cells) | set(tail)
+    extra = [c for c in columns if c not in known]
+    return head + tasks + buckets + cells + extra + tail
+
+
+def bucket_columns(table: pd.DataFrame) -> list[str]:
+    """LongBench-E length buckets present in ``table``, shortest first."""
+    return sorted((c for c in table.columns if c.startswith("bucket:")), key=_bucket_key)
+
+
+def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRun]]:
+    """Read every complete run under ``results_dir`` into one row each.
+
+    Hidden directories are runs still being written, so they are ignored silently; directories that
+    look like runs but are incomplete or corrupt are returned as ``SkippedRun`` so callers can warn.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise KVBenchError(f"results directory '{root}' does not exist; pass the output_dir your runs wrote to")
+    rows: list[dict[str, Any]] = []
+    skipped: list[SkippedRun] = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or path.name.startswith(".") or not _looks_like_run(path):
+            continue
+        try:
+            rows.append(_read_run(path))
+        except (ValueError, OSError) as exc:
+            skipped.append(SkippedRun(path, str(exc)))
+    if not rows:
+        return pd.DataFrame(columns=list(BASE_COLUMNS + SPEED_COLUMNS + DERIVED_COLUMNS + TAIL_COLUMNS)), skipped
+    table = pd.DataFrame(rows)
+    table = table[ordered_columns(list(table.columns))]
+    # no_press first inside each (dataset, model) block: it is the reference every press is read against.
+    table["_ref"] = table["press"] != NO_PRESS
+    table = table.sort_values(["dataset", "model", "_ref", "label", "compression_ratio"], kind="stable")
+    table = table.drop(columns="_ref").reset_index(drop=True)
+    table["num_samples"] = pd.to_numeric(table["num_samples"], errors="coerce").astype("Int64")
+    return table, skipped
+
+
+def score_grid(table: pd.DataFrame, dataset: str, model: str, value: str = "score") -> pd.DataFrame:
+    """Rows = press labels, columns = ratio labels: the shape people read leaderboards in.
+
+    Duplicate runs of the same cell (e.g. re-runs with another seed) are averaged rather than dropped.
+    """
+    block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    if block.empty:
+        return pd.DataFrame()
+    grid = block.pivot_table(index="label", columns="compression_ratio", values=value, aggfunc="mean")
+    grid = grid.reindex(columns=sorted(grid.columns))
+    order = list(dict.fromkeys(block["label"]))
+    grid = grid.reindex(order)
+    grid.columns = [format_ratio(c) for c in grid.columns]
+    grid.index.name = "press"
+    return grid
+
+
+def blocks(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (dataset, model) pairs in table order; each gets its own grid and figures."""
+    if table.empty:
+        return []
+    return list(dict.fromkeys(zip(table["dataset"], table["model"])))
+
+
+def higher_is_better(table: pd.DataFrame, dataset: str) -> bool:
+    """Direction of the headline score for one dataset (perplexity is the odd one out)."""
+    flags = table.loc[table["dataset"] == dataset, "higher_is_better"]
+    return bool(flags.iloc[0]) if len(flags) else dataset != "pg19"
+
+
+def best_labels(grid: pd.DataFrame, higher: bool) -> dict[str, set[str]]:
+    """Per ratio column, which compressing presses reach the best score (ties all win).
+
+    The no-press reference is excluded: it never compresses, so "winning" a column is meaningless for it.
+    """
+    winners: dict[str, set[str]] = {}
+    candidates = grid.drop(index=[i for i in grid.index if i.startswith(NO_PRESS)], errors="ignore")
+    for column in candidates.columns:
+        values = candidates[column].dropna()
+        if len(values) < 2:
+            continue
+        best = values.max() if higher else values.min()
+        winners[column] = set(values.index[values == best])
+    return winners
+
+
+def format_score(value: float) -> str:
+    """Scores are 0–100 accuracies or perplexities; two decimals reads well for both."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def to_markdown(table: pd.DataFrame, skipped: list[SkippedRun] | None = None) -> str:
+    """A Markdown leaderboard, one score grid per (dataset, model); best compressed score per ratio in bold."""
+    lines = ["# KV-cache compression leaderboard", ""]
+    lines.append(f"{len(table)} runs. Rows: press; columns: compression ratio (fraction of the KV cache removed).")
+    lines.append("`no_press` is the uncompressed reference (ratio 0.00).")
+    lines.append("")
+    for dataset, model in blocks(table):
+        higher = higher_is_better(table, dataset)
+        grid = score_grid(table, dataset, model)
+        winners = best_labels(grid, higher)
+        lines.append(f"## {dataset} / {model}")
+        lines.append("")
+        lines.append(f"Score: {'higher' if higher else 'lower'} is better.")
+        lines.append("")
+        header = ["press", *grid.columns]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join([" --- "] + [" ---: "] * len(grid.columns)) + "|")
+        for label, values in grid.iterrows():
+            cells = []
+            for column in grid.columns:
+                text = format_score(values[column])
+                if text and label in winners.get(column, ()):
+                    text = f"**{text}**"
+                cells.append(text)
+            lines.append("| " + " | ".join([str(label).replace("|", "\\|"), *cells]) + " |")
+        lines.append("")
+    if skipped:
+        lines.append("## Skipped run directories")
+        lines.append("")
+        for item in skipped:
+            lines.append(f"- `{item.path.name}`: {item.reason}")
+        lines.append("")
+    return "\n".join(lines)

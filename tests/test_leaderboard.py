@@ -1,0 +1,271 @@
+"""Leaderboard: loading run dirs, tables, plots, the self-contained HTML page and the paper-figure script."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest_results import make_results_tree, write_run
+from kvbench.errors import KVBenchError
+from kvbench.leaderboard import build_leaderboard, format_ratio, load_results, score_grid
+from kvbench.leaderboard.__main__ import main
+from kvbench.leaderboard.html import has_only_local_assets
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, dict]:
+    root = tmp_path / "results"
+    root.mkdir()
+    return root, make_results_tree(root)
+
+
+@pytest.fixture
+def board(tree):
+    root, info = tree
+    return build_leaderboard(root), info
+
+
+def _row(table: pd.DataFrame, dataset: str, label: str, ratio: float) -> pd.Series:
+    rows = table[(table["dataset"] == dataset) & (table["label"] == label) & (table["compression_ratio"] == ratio)]
+    assert len(rows) == 1, f"expected exactly one row for {dataset}/{label}/{ratio}, got {len(rows)}"
+    return rows.iloc[0]
+
+
+def test_one_row_per_complete_run_and_corrupt_dirs_are_skipped(tree):
+    root, info = tree
+    table, skipped = load_results(root)
+    assert len(table) == info["num_runs"]
+    assert table["run_name"].is_unique
+    skipped_names = {s.path.name for s in skipped}
+    assert skipped_names == {info["corrupt"], info["incomplete"]}
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert "metrics.json" in reasons[info["corrupt"]]
+    assert "predictions.csv" in reasons[info["incomplete"]]
+    # Hidden dirs are runs in progress: neither loaded nor reported.
+    assert "streaming_llm" not in set(table["press"])
+    assert info["hidden"] not in skipped_names
+
+
+def test_table_values_match_metrics(tree):
+    root, info = tree
+    table, _ = load_results(root)
+    for (dataset, label, ratio, query_aware), score in info["expected"].items():
+        full_label = f"{label} (query-aware)" if query_aware else label
+        row = _row(table, dataset, full_label, ratio)
+        assert row["score"] == pytest.approx(score)
+        assert bool(row["query_aware"]) is query_aware
+    qa = _row(table, "ruler", "snapkv (query-aware)", 0.5)
+    assert qa["press"] == "snapkv" and qa["variant"] == ""
+    variant = _row(table, "ruler", "snapkv [context_length=4096]", 0.5)
+    assert variant["variant"] == "context_length=4096" and not variant["query_aware"]
+    snap = _row(table, "ruler", "snapkv", 0.875)
+    assert snap["task:niah_single_1"] == pytest.approx(41.25)
+    assert snap["task:vt"] == pytest.approx(39.25)
+    assert snap["kv_bytes_after"] == pytest.approx(8 * 1024 * 1024 * 0.125)
+    assert snap["prefill_compression_seconds"] == pytest.approx(0.45)
+    assert snap["ratio_label"] == "0.875"
+    assert snap["higher_is_better"]
+    lb = _row(table, "longbench_e", "snapkv", 0.5)
+    assert (lb["bucket:0-4k"], lb["bucket:4-8k"], lb["bucket:8k+"]) == (38.0, 36.0, 33.0)
+    pg = _row(table, "pg19", "snapkv", 0.875)
+    assert not pg["higher_is_better"]
+    assert pg["perplexity"] == pytest.approx(19.0)
+    assert pg["perplexity_ratio"] == pytest.approx(19.0 / 12.5)
+    assert _row(table, "ruler", "no_press", 0.0)["ratio_label"] == "0.00"
+    buckets = [c for c in table.columns if c.startswith("bucket:")]
+    assert buckets == ["bucket:0-4k", "bucket:4-8k", "bucket:8k+"]
+
+
+def test_run_name_fallback_when_metrics_lack_identity(tmp_path):
+    run = write_run(tmp_path, "ruler", MODEL, "knorm", 0.5, 50.0)
+    data = json.loads((run / "metrics.json").read_text())
+    for key in ("dataset", "model", "press", "compression_ratio", "variant", "query_aware"):
+        data.pop(key)
+    (run / "metrics.json").write_text(json.dumps(data))
+    table, skipped = load_results(tmp_path)
+    assert not skipped
+    row = table.iloc[0]
+    assert (row["dataset"], row["model"], row["press"], row["compression_ratio"]) == ("ruler", MODEL, "knorm", 0.5)
+
+
+def test_metrics_without_score_or_non_mapping_config_are_skipped(tmp_path):
+    bad_score = write_run(tmp_path, "ruler", MODEL, "knorm", 0.5, 50.0)
+    (bad_score / "metrics.json").write_text('{"score": "n/a"}')
+    bad_yaml = write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 50.0)
+    (bad_yaml / "config.yaml").write_text("model: [unclosed\n")
+    table, skipped = load_results(tmp_path)
+    assert table.empty
+    assert {s.path.name: s.reason.split(" ")[0] for s in skipped} == {
+        bad_score.name: "metrics.json",
+        bad_yaml.name: "unparsable",
+    }
+
+
+def test_format_ratio_matches_run_names():
+    assert [format_ratio(r) for r in (0.0, 0.5, 0.25, 0.875, 0.125, 0.1)] == [
+        "0.00", "0.50", "0.25", "0.875", "0.125", "0.10",
+    ]
+
+
+def test_score_grid_is_press_by_ratio(tree):
+    root, _ = tree
+    table, _ = load_results(root)
+    grid = score_grid(table, "ruler", MODEL)
+    assert list(grid.columns) == ["0.00", "0.25", "0.50", "0.875"]
+    assert list(grid.index)[0] == "no_press"
+    assert set(grid.index) == {
+        "no_press", "knorm", "snapkv", "snapkv (query-aware)", "snapkv [context_length=4096]",
+    }
+    assert grid.loc["snapkv", "0.50"] == pytest.approx(74.5)
+    assert grid.loc["no_press", "0.00"] == pytest.approx(88.0)
+    assert pd.isna(grid.loc["knorm", "0.00"])
+
+
+def test_cli_writes_all_outputs_and_summary(tree, capsys):
+    root, info = tree
+    assert main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{info['num_runs']} runs" in out
+    assert info["corrupt"] in out and info["incomplete"] in out
+    assert info["hidden"] not in out
+    target = root / "leaderboard"
+    assert str(target) in out
+    csv = pd.read_csv(target / "leaderboard.csv")
+    assert len(csv) == info["num_runs"]
+    assert {"task:niah_single_1", "bucket:8k+", "kv_bytes_after", "seconds_per_token"} <= set(csv.columns)
+    md = (target / "leaderboard.md").read_text()
+    for heading in ("## ruler / smollm2-135m", "## longbench_e / smollm2-135m", "## pg19 / smollm2-135m"):
+        assert heading in md
+    assert "| snapkv (query-aware) |  |  | **78.00** | **52.00** |" in md
+    assert "Score: lower is better." in md
+    # PG-19 is perplexity: the *lowest* value wins its column.
+    assert "| snapkv |  | **13.75** | 19.00 |" in md
+    assert "| knorm |  | 15.00 |  |" in md
+    pngs = sorted(p.name for p in target.glob("*.png"))
+    for expected in (
+        "score__ruler__smollm2-135m.png",
+        "score__pg19__smollm2-135m.png",
+        "buckets__longbench_e__smollm2-135m.png",
+        "speed__ruler__smollm2-135m.png",
+        "memory__ruler__smollm2-135m.png",
+    ):
+        assert expected in pngs
+    assert "buckets__ruler__smollm2-135m.png" not in pngs
+    for name in pngs:
+        assert (target / name).read_bytes()[:8] == PNG_MAGIC
+    # A rebuild must not mistake its own output folder for a run.
+    table, skipped = load_results(root)
+    assert len(table) == info["num_runs"] and len(skipped) == 2
+
+
+def test_plot_kinds_and_perplexity_axis(board):
+    lb, _ = board
+    kinds = {(p.dataset, p.kind) for p in lb.plots}
+    assert ("pg19", "perplexity") in kinds and ("pg19", "score") not in kinds
+    assert ("ruler", "score") in kinds and ("longbench_e", "buckets") in kinds
+
+
+def test_no_press_is_a_horizontal_reference_and_variants_are_separate_lines(tree):
+    from matplotlib.figure import Figure
+
+    from kvbench.leaderboard.plots import draw_vs_ratio, line_styles
+
+    root, _ = tree
+    table, _ = load_results(root)
+    block = table[table["dataset"] == "ruler"]
+    ax = Figure().add_subplot()
+    assert draw_vs_ratio(ax, block, "score", line_styles(table))
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"no_press", "knorm", "snapkv", "snapkv (query-aware)", "snapkv [context_length=4096]"}
+    reference = lines["no_press"]
+    assert list(reference.get_xdata()) == [0, 1]  # axes-fraction x: spans the whole plot
+    assert list(reference.get_ydata()) == [88.0, 88.0]
+    assert list(lines["snapkv (query-aware)"].get_xdata()) == [0.5, 0.875]
+    assert list(lines["snapkv (query-aware)"].get_ydata()) == [78.0, 52.0]
+    assert lines["snapkv"].get_color() == lines["snapkv (query-aware)"].get_color()
+    assert lines["snapkv"].get_linestyle() != lines["snapkv (query-aware)"].get_linestyle()
+
+
+def test_html_is_self_contained_and_complete(board):
+    lb, info = board
+    page = lb.html.read_text(encoding="utf-8")
+    for label in ("no_press", "knorm", "snapkv", "snapkv (query-aware)", "snapkv [context_length=4096]"):
+        assert f">{label}<" in page, label
+    for ratio in ("0.00", "0.25", "0.50", "0.875"):
+        assert f"<th>{ratio}</th>" in page, ratio
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == len(lb.plots) >= 10
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG_MAGIC
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    assert has_only_local_assets(page)
+    assert info["corrupt"] in page
+    assert page.count('<td class="num best">') >= 3
+
+
+def test_out_option_and_errors(tree, tmp_path, capsys):
+    root, _ = tree
+    custom = tmp_path / "custom"
+    assert main([str(root), "--out", str(custom)]) == 0
+    assert (custom / "index.html").is_file() and not (root / "leaderboard").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 2
+    assert capsys.readouterr().err.startswith("error: no complete runs")
+    with pytest.raises(KVBenchError, match="does not exist"):
+        load_results(tmp_path / "missing")
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium not installed (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(board, tmp_path):
+    """The page must render offline in a real browser: the header colour and the figures must show up."""
+    from matplotlib.image import imread
+
+    lb, _ = board
+    shot = tmp_path / "shot.png"
+    cmd = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1800",
+        f"--screenshot={shot}", lb.html.resolve().as_uri(),
+    ]
+    subprocess.run(cmd, check=True, timeout=90, capture_output=True)
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1800, 1400)
+    header = pixels[10:40, 200:1200].reshape(-1, 3)
+    # #1f3a5f header: proves the inline CSS was applied, not just that a page loaded.
+    assert abs(header.mean(axis=0) - [0x1F / 255, 0x3A / 255, 0x5F / 255]).max() < 0.08
+    body = pixels[400:].reshape(-1, 3)
+    orange = ((body[:, 0] > 0.9) & (body[:, 1] > 0.4) & (body[:, 1] < 0.6) & (body[:, 2] < 0.2)).sum()
+    assert orange > 200, "no plotted press line visible in the screenshot (images not rendered?)"
+
+
+def test_paper_figures_script(tree, tmp_path):
+    root, _ = tree
+    spec = importlib.util.spec_from_file_location("paper_figures", REPO / "analysis" / "paper_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "fig" / "paper.png"
+    assert module.main([str(root), "--out", str(out), "--model", MODEL]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert module.main([str(root), "--out", str(out), "--model", "no-such-model"]) == 2

@@ -1,0 +1,149 @@
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from kvbench.datasets import austen, needle
+from kvbench.errors import KVBenchError
+from kvbench.metrics import needle as needle_metric
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from kvbench.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+class WordTokenizer:
+    """Whitespace 'tokenizer' without offset mappings, to exercise the binary-search fallback cheaply."""
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        if return_offsets_mapping:
+            raise NotImplementedError("no offsets")
+        return {"input_ids": text.split()}
+
+
+@pytest.fixture(scope="module")
+def essays_grid(tokenizer):
+    return needle.load({"context_lengths": [512, 1024], "depths": [0, 25, 50, 75, 100]}, tokenizer)
+
+
+def test_grid_columns_and_lengths(essays_grid, tokenizer):
+    df = essays_grid
+    assert len(df) == 10
+    for column in ("context", "question", "answer_prefix", "answers", "max_new_tokens", "task", "sample_id", "context_length", "depth"):
+        assert column in df.columns
+    assert df["sample_id"].is_unique
+    assert set(df["task"]) == {"needle"}
+    assert df.iloc[0].answers == ["sandwich", "Dolores Park", "sunny day"]
+    assert "What is the best thing to do in San Francisco?" in df.iloc[0].question
+    for row in df.itertuples():
+        measured = len(tokenizer(row.context, add_special_tokens=False)["input_ids"])
+        assert abs(measured - row.context_length) <= 0.05 * row.context_length
+        assert measured == row.context_tokens
+
+
+def test_needle_position(essays_grid, tokenizer):
+    needle_tokens = len(tokenizer(" " + needle.DEFAULT_NEEDLE, add_special_tokens=False)["input_ids"])
+    for row in essays_grid.itertuples():
+        assert row.context.count(needle.DEFAULT_NEEDLE) == 1
+        assert row.context.index(needle.DEFAULT_NEEDLE) == row.needle_char_index
+        before = len(tokenizer(row.context[: row.needle_char_index], add_special_tokens=False)["input_ids"])
+        haystack_tokens = row.context_tokens - needle_tokens
+        assert before / haystack_tokens == pytest.approx(row.depth / 100, abs=0.06)
+        if row.depth == 0:
+            assert row.context.startswith(needle.DEFAULT_NEEDLE)
+        elif row.depth == 100:
+            assert row.context.endswith(needle.DEFAULT_NEEDLE)
+        else:  # inserted at a sentence boundary
+            assert row.context[: row.needle_char_index].rstrip()[-1] in ".!?\"')]\u2019\u201d"
+
+
+def test_insert_needle_picks_nearest_sentence_boundary():
+    hay = "One two three. Four five six. Seven eight nine. Ten."
+    context, index = needle.insert_needle(hay, "NEEDLE.", 50)
+    assert context == "One two three. Four five six. NEEDLE. Seven eight nine. Ten."
+    assert index == context.index("NEEDLE.")
+
+
+def test_austen_haystack_and_fallback_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
+    folder = tmp_path / "data" / "austen"
+    folder.mkdir(parents=True)
+    for number, book in enumerate(austen.BOOK_IDS):
+        sentences = " ".join(f"Sentence {i} of book {number} is here." for i in range(200))
+        (folder / f"{book}.txt").write_text(sentences, encoding="utf-8")
+    df = needle.load({"haystack": "austen", "context_lengths": [300], "depths": [50], "answer_prefix": ""}, WordTokenizer())
+    row = df.iloc[0]
+    assert abs(len(row.context.split()) - 300) <= 15
+    assert row.context.count(needle.DEFAULT_NEEDLE) == 1
+    assert row.haystack == "austen" and row.answer_prefix == ""
+    assert 0.4 < row.needle_char_index / len(row.context) < 0.6
+
+
+def test_hydra_config_file(tokenizer):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "dataset" / "needle.yaml")
+    assert cfg.name == "needle" and cfg.kind == "generate"
+    assert list(cfg.context_lengths) == [512, 1024, 2048] and list(cfg.depths) == [0, 25, 50, 75, 100]
+    cfg.context_lengths = [256]
+    cfg.depths = [50]
+    row = needle.load(cfg, tokenizer).iloc[0]
+    assert row.answers == ["sandwich", "Dolores Park", "sunny day"] and row.answer_prefix == "Answer:"
+
+
+def test_bad_config(tokenizer):
+    with pytest.raises(KVBenchError, match="do not occur in the needle"):
+        needle.load({"context_lengths": [256], "depths": [50], "answers": ["pizza"]}, tokenizer)
+    with pytest.raises(KVBenchError, match=r"\[0, 100\]"):
+        needle.load({"context_lengths": [256], "depths": [150]}, tokenizer)
+    with pytest.raises(KVBenchError, match="unknown dataset.haystack"):
+        needle.load({"context_lengths": [256], "depths": [50], "haystack": "novels"}, tokenizer)
+
+
+# ---- metric ------------------------------------------------------------------------------------------
+
+
+def _predictions():
+    answers = list(needle.DEFAULT_ANSWERS)
+    rows = []
+    texts = {
+        (512, 0): "Eat a SANDWICH in Dolores   Park on a sunny day.",  # 3/3
+        (512, 50): "Sit in dolores park.",  # 1/3
+        (1024, 0): "I don't know.",  # 0/3
+        (1024, 50): "A sandwich on a sunny day",  # 2/3
+    }
+    for (length, depth), text in texts.items():
+        rows.append({"context_length": length, "depth": depth, "answers": answers, "prediction": text})
+    return pd.DataFrame(rows)
+
+
+def test_keyword_score():
+    keys = ["sandwich", "Dolores Park", "sunny day"]
+    assert needle_metric.keyword_score("eat a sandwich in Dolores\nPark", keys) == pytest.approx(200 / 3)
+    with pytest.raises(KVBenchError):
+        needle_metric.keyword_score("x", [])
+
+
+def test_compute():
+    result = needle_metric.compute(_predictions())
+    assert result["score"] == pytest.approx((100 + 100 / 3 + 0 + 200 / 3) / 4)
+    assert set(result["per_cell"]) == {"512", "1024"}
+    assert result["per_cell"]["512"] == pytest.approx({"0": 100.0, "50": 100 / 3})
+    assert result["per_cell"]["1024"] == pytest.approx({"0": 0.0, "50": 200 / 3})
+    assert result["per_depth"] == pytest.approx({"0": 50.0, "50": 50.0})
+    json.dumps(result)
+
+
+def test_heatmap_written(tmp_path):
+    needle_metric.write_artifacts(_predictions(), tmp_path)
+    path = tmp_path / needle_metric.HEATMAP_FILE
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 5_000
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels[..., :3].std() > 0.05  # more than a blank canvas

@@ -1,0 +1,178 @@
+"""W&B tracking and leaderboard push, always offline and local: every test pins wandb to tmp_path and
+points its server URL at a closed local port, so nothing here can reach the network or a real account."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kvbench import tracking
+from kvbench.errors import KVBenchError
+from kvbench.leaderboard import build_leaderboard
+from kvbench.leaderboard.__main__ import main as leaderboard_main
+from kvbench.leaderboard.wandb_report import push_leaderboard
+from tests.conftest_results import make_config, make_results_tree, offline_runs, read_offline_run, write_run
+
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(autouse=True)
+def isolated_wandb(tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_PROJECT", "WANDB_ENTITY",
+                "WANDB_RUN_GROUP", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "wandb-home"
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "data"))
+    monkeypatch.setenv("WANDB_ARTIFACT_DIR", str(home / "artifacts"))
+    monkeypatch.setenv("NETRC", str(home / "no-netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # closed port: any online attempt fails fast
+    monkeypatch.setattr(tracking, "INIT_TIMEOUT_S", 3)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    results = tmp_path / "results"
+    predictions = pd.DataFrame(
+        {
+            "context": ["a very long haystack " * 200, "another haystack " * 200],
+            "question": ["What is the key?", "What is the value?"],
+            "answers": [["1234"], ["x", "y"]],
+            "prediction": ["1234", "z"],
+            "task": ["niah_single_1", "vt"],
+            "prefill_seconds": [0.4, 0.5],
+            "correct": pd.array([1, None], dtype="Int64"),  # nullable dtype: pd.NA must not break the table
+        }
+    )
+    run_dir = write_run(results, "ruler", MODEL, "snapkv", 0.5, 74.5,
+                        extra={"per_task": {"niah_single_1": 100.0, "vt": 49.0}})
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = make_config("ruler", MODEL, "snapkv", 0.5)
+    cfg.update(output_dir=str(results), logger={"name": "wandb"})
+    cfg["wandb"] = {"project": "kvbench-test", "mode": "offline", "group": "sweep-a", "entity": None}
+    return cfg, metrics, predictions, run_dir
+
+
+def test_flatten_metrics_nests_with_slashes():
+    flat = tracking.flatten_metrics({"score": 1.0, "speed": {"ttft_seconds": 0.5}, "per_cell": {"1k": {"0.5": 1}}})
+    assert flat == {"score": 1.0, "speed/ttft_seconds": 0.5, "per_cell/1k/0.5": 1}
+
+
+def test_log_run_offline_writes_summary_config_and_table(finished_run):
+    cfg, metrics, predictions, run_dir = finished_run
+    tracking.log_run(cfg, metrics, predictions, run_dir)
+    wandb_dir = Path(cfg["output_dir"]) / "wandb"
+    runs = offline_runs(wandb_dir)
+    assert len(runs) == 1, "log_run must write exactly one offline run under <output_dir>/wandb"
+    info = read_offline_run(runs[0])
+    summary = info["summary"]
+    assert summary["score"] == pytest.approx(74.5)
+    assert summary["per_task/niah_single_1"] == pytest.approx(100.0)
+    assert summary["speed/prefill_seconds"] == pytest.approx(0.40)
+    assert summary["speed/kv_bytes_after"] == pytest.approx(4 * 1024 * 1024)
+    assert summary["press"] == "snapkv"
+    assert summary["predictions"]["nrows"] == 2
+    assert info["config"]["press"]["name"] == "snapkv"
+    assert info["config"]["compression_ratio"] == 0.5
+    assert info["group"] == "sweep-a"
+    assert info["name"] == run_dir.name
+    assert {"ruler", MODEL, "snapkv"} <= set(info["tags"])
+    table = json.loads((runs[0] / "files" / summary["predictions"]["path"]).read_text())
+    assert "context" not in table["columns"]
+    assert {"question", "answers", "prediction"} <= set(table["columns"])
+    assert ["1234"] != table["data"][0][table["columns"].index("answers")]  # lists become JSON text
+    assert table["data"][0][table["columns"].index("answers")] == '["1234"]'
+    assert [row[table["columns"].index("correct")] for row in table["data"]] == [1, None]
+
+
+def test_explicit_dir_wins_and_disabled_writes_nothing(finished_run, tmp_path):
+    cfg, metrics, predictions, run_dir = finished_run
+    cfg["wandb"] = dict(cfg["wandb"], mode="disabled", dir=str(tmp_path / "elsewhere"))
+    tracking.log_run(cfg, metrics, predictions, run_dir)
+    assert not (tmp_path / "elsewhere").exists() and not (Path(cfg["output_dir"]) / "wandb").exists()
+    assert tracking.wandb_dir(cfg, run_dir) == tmp_path / "elsewhere"
+    cfg["wandb"]["mode"] = "sometimes"
+    with pytest.raises(KVBenchError, match="wandb.mode"):
+        tracking.log_run(cfg, metrics, predictions, run_dir)
+
+
+def test_online_without_api_key_warns_and_logs_offline(finished_run, caplog):
+    cfg, metrics, predictions, run_dir = finished_run
+    cfg["wandb"]["mode"] = "online"
+    assert not tracking.has_credentials()
+    with caplog.at_level(logging.WARNING, logger="kvbench.tracking"):
+        tracking.log_run(cfg, metrics, predictions, run_dir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no API key" in warnings[0]
+    runs = offline_runs(Path(cfg["output_dir"]) / "wandb")
+    assert len(runs) == 1 and read_offline_run(runs[0])["summary"]["score"] == pytest.approx(74.5)
+
+
+def test_online_with_key_but_no_network_falls_back(finished_run, monkeypatch, caplog):
+    cfg, metrics, predictions, run_dir = finished_run
+    cfg["wandb"]["mode"] = "online"
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    with caplog.at_level(logging.WARNING, logger="kvbench.tracking"):
+        tracking.log_run(cfg, metrics, predictions, run_dir)
+    assert any("online init failed" in r.getMessage() for r in caplog.records)
+    runs = offline_runs(Path(cfg["output_dir"]) / "wandb")
+    assert len(runs) == 1 and read_offline_run(runs[0])["summary"]["score"] == pytest.approx(74.5)
+
+
+def test_group_defaults_to_none_outside_a_sweep(finished_run, monkeypatch):
+    cfg, metrics, predictions, run_dir = finished_run
+    cfg["wandb"]["group"] = None
+    seen = {}
+
+    def fake_start_run(**kwargs):
+        seen.update(kwargs)
+        return None
+
+    monkeypatch.setattr(tracking, "start_run", fake_start_run)
+    monkeypatch.setattr(tracking, "sweep_group", lambda: "2026-01-01_12-00-00")
+    tracking.log_run(cfg, metrics, predictions, run_dir)
+    assert seen["group"] == "2026-01-01_12-00-00"
+    assert seen["directory"] == Path(cfg["output_dir"]) / "wandb"
+    assert seen["config"]["press"]["window_size"] == 64
+    monkeypatch.undo()
+    assert tracking.sweep_group() is None
+
+
+def test_push_leaderboard_offline(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    make_results_tree(results)
+    board = build_leaderboard(results)
+    out = push_leaderboard(board.table, board.plots, project="kvbench-test", mode="offline",
+                           directory=tmp_path / "wb", html_path=board.html)
+    assert out is not None
+    runs = offline_runs(tmp_path / "wb")
+    assert len(runs) == 1
+    summary = read_offline_run(runs[0])["summary"]
+    assert summary["num_runs"] == len(board.table)
+    assert summary["best/ruler/smollm2-135m/score"] == pytest.approx(81.0)
+    assert summary["best/ruler/smollm2-135m/label"] == "snapkv @ 0.25"
+    assert summary["best/pg19/smollm2-135m/score"] == pytest.approx(13.75)  # lower is better
+    assert summary["leaderboard"]["nrows"] == len(board.table)
+    images = list((runs[0] / "files" / "media" / "images").rglob("*.png"))
+    assert len(images) == len(board.plots)
+
+
+def test_cli_wandb_flag_without_key_still_writes_everything(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    write_run(results, "ruler", MODEL, "snapkv", 0.5, 70.0)
+    write_run(results, "ruler", MODEL, "no_press", 0.0, 90.0)
+    assert leaderboard_main([str(results), "--wandb"]) == 0
+    assert (results / "leaderboard" / "index.html").is_file()
+    runs = offline_runs(results / "wandb")
+    assert len(runs) == 1
+    assert read_offline_run(runs[0])["summary"]["num_runs"] == 2
+    assert "wandb:" in capsys.readouterr().out
