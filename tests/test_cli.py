@@ -1,0 +1,107 @@
+"""`python -m kvbench` end to end on the packaged model: bad input, skip, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+SENTENCES = "The river ran past the mill and the miller counted his sacks of flour before the winter came. "
+
+
+def kvbench(*args, env=None, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "kvbench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture()
+def books(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "mill.txt").write_text(SENTENCES * 120)
+    return folder
+
+
+def pg19_args(books, out, *extra):
+    return ["dataset=pg19", "dataset.source=local", f"dataset.path={books}", "dataset.context_length=96",
+            "dataset.eval_length=16", "dataset.stride=112", "dataset.max_windows_per_book=8", f"output_dir={out}", *extra]
+
+
+def complete_dirs(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if not p.name.startswith(".") and (p / "metrics.json").exists()] if out.exists() else []
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["press=nonexistent"], "unknown press 'nonexistent'; valid names: adakv_compactor"),
+        (["model=nonexistent"], "unknown model 'nonexistent'"),
+        (["dataset=nonexistent"], "unknown dataset 'nonexistent'"),
+        (["compression_ratio=1.5"], "compression_ratio must be a number in [0, 1)"),
+        (["compression_ratio=-0.1"], "compression_ratio must be a number in [0, 1)"),
+        (["model.name_or_path=/does/not/exist"], "model directory '/does/not/exist' does not exist"),
+        (["model.name_or_path=kvbench-test-org/no-such-model"], "could not load 'kvbench-test-org/no-such-model' from the Hugging Face hub"),
+        (["+press.window_size=8", "press=knorm"], "press 'knorm' has no parameter window_size"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, expected):
+    out = tmp_path / "results"
+    result = kvbench(*pg19_args(books, out), *args, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert complete_dirs(out) == []
+
+
+def test_run_skip_kill_and_resume(tmp_path, books):
+    out = tmp_path / "results"
+    name = "pg19__smollm2-135m__knorm__0.50__context_length=96__dataset.path=*"
+    args = pg19_args(books, out, "press=knorm", "compression_ratio=0.5")
+    process = subprocess.Popen([sys.executable, "-m", "kvbench", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    rows = None
+    while time.time() < deadline and process.poll() is None:
+        found = list((out / ".partial").glob("*/rows.jsonl")) if (out / ".partial").exists() else []
+        if found and len(found[0].read_text().splitlines()) >= 2:
+            rows = found[0]
+            break
+        time.sleep(0.05)
+    assert rows is not None, "the run never checkpointed a window"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert complete_dirs(out) == []  # killed: nothing complete-looking
+    done_before = len(rows.read_text().splitlines())
+    resumed = kvbench(*args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming after {done_before} finished samples" in resumed.stdout
+    (run_dir,) = complete_dirs(out)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_windows"] == 8 and metrics["press"] == "knorm" and metrics["compression_ratio"] == 0.5
+    assert metrics["speed"]["kv_bytes_after"] < metrics["speed"]["kv_bytes_before"]
+    started = time.time()
+    again = kvbench(*args)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert time.time() - started < 30
+
+
+def test_context_shorter_than_the_window_runs_warns_and_is_recorded(tmp_path):
+    data = tmp_path / "lb"
+    data.mkdir()
+    record = {"input": "Who wrote it?", "context": "Alice wrote the note.", "answers": ["Alice"], "length": 10,
+              "dataset": "hotpotqa_e", "language": "en", "all_classes": None, "_id": "x1"}
+    (data / "hotpotqa_e.jsonl").write_text(json.dumps(record) + "\n")
+    out = tmp_path / "results"
+    result = kvbench("dataset=longbench_e", f"dataset.path={data}", "dataset.tasks=[hotpotqa]", "press=snapkv", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (result.stdout + result.stderr).count("not longer than the press window") == 1
+    (run_dir,) = complete_dirs(out)
+    assert json.loads((run_dir / "metrics.json").read_text())["short_contexts"] == 1
