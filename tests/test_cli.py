@@ -18,8 +18,9 @@ SENTENCES = "The river ran past the mill and the miller counted his sacks of flo
 
 
 def kvbench(*args, env=None, timeout=300, **kw):
+    merged = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "kvbench", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+                          timeout=timeout, env={k: v for k, v in merged.items() if v is not None}, **kw)
 
 
 @pytest.fixture()
@@ -105,3 +106,25 @@ def test_context_shorter_than_the_window_runs_warns_and_is_recorded(tmp_path):
     assert (result.stdout + result.stderr).count("not longer than the press window") == 1
     (run_dir,) = complete_dirs(out)
     assert json.loads((run_dir / "metrics.json").read_text())["short_contexts"] == 1
+
+
+def test_multirun_logs_each_run_to_offline_wandb(tmp_path, books):
+    from tests.conftest_results import offline_runs, read_offline_run
+
+    out = tmp_path / "results"
+    home = tmp_path / "wandb-home"
+    env = {"WANDB_SILENT": "true", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_CONFIG_DIR": str(home / "config"),
+           "WANDB_CACHE_DIR": str(home / "cache"), "WANDB_DATA_DIR": str(home / "data"), "NETRC": str(home / "none"),
+           "WANDB_API_KEY": None, "WANDB_MODE": None, "WANDB_DIR": None}
+    args = pg19_args(books, out, "dataset.max_windows_per_book=2", "logger.name=wandb", "wandb.mode=offline",
+                     "wandb.group=cli-test", f"wandb.dir={tmp_path / 'wb'}")
+    result = kvbench("-m", "press=knorm,streaming_llm", "compression_ratio=0.5", *args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {json.loads((d / "metrics.json").read_text())["press"]: json.loads((d / "metrics.json").read_text()) for d in complete_dirs(out)}
+    logged = [read_offline_run(folder) for folder in offline_runs(tmp_path / "wb")]
+    assert len(logged) == 2, sorted(p.name for p in (tmp_path / "wb").rglob("*") if "offline-run" in p.name)
+    for info in logged:
+        press = info["config"]["press"]["name"]
+        assert info["group"] == "cli-test"
+        assert info["summary"]["score"] == pytest.approx(runs[press]["score"])
+        assert info["summary"]["speed/prefill_seconds"] == pytest.approx(runs[press]["speed"]["prefill_seconds"])

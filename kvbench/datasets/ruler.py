@@ -1,0 +1,136 @@
+"""RULER (Hsieh et al., 2024, arXiv:2404.06654): 13 synthetic long-context tasks.
+
+``source=generated`` (default) builds the tasks offline, deterministically from ``seed``, at any
+``context_length`` measured with the evaluated model's own tokenizer, so small models and CPU runs get prompts
+that really are as long as asked. ``source=hub`` reads kvpress' fixed 4k/8k/16k set (``simonjegou/ruler``) for
+comparisons with published numbers. Either way the instruction and haystack go into ``context`` and the query
+into ``question``, so a press compresses the context alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+
+from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, SPECS, generate
+from kvbench.errors import KVBenchError
+
+TASKS: tuple[str, ...] = tuple(SPECS)
+DEFAULTS = {
+    "source": "generated",
+    "context_length": 1024,
+    "num_samples": 5,
+    "tasks": None,
+    "seed": 42,
+    "reserve_generation": False,
+    "hub_id": "simonjegou/ruler",
+    "hub_config": None,
+}
+HUB_CONFIGS = ("4096", "8192", "16384")
+COLUMNS = ("context", "question", "answer_prefix", "answers", "max_new_tokens", "task", "sample_id", "context_length")
+
+
+def _option(cfg: Mapping | None, key: str):
+    value = cfg.get(key) if cfg is not None else None
+    return DEFAULTS[key] if value is None else value
+
+
+def _positive_int(cfg: Mapping | None, key: str) -> int:
+    value = _option(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KVBenchError(f"dataset.{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def select_tasks(tasks) -> list[str]:
+    """``None``/``"all"`` -> every task; otherwise a list (or comma-separated string) of task names."""
+    if tasks is None or tasks == "all":
+        return list(TASKS)
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:
+        raise KVBenchError(f"unknown RULER task(s) {', '.join(unknown) or '(none given)'}; valid names: {', '.join(TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+def task_kind(task: str) -> str:
+    return SPECS[task]["kind"]
+
+
+def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
+    """Both sources yield the same columns (:data:`COLUMNS`), so runs and scorers never depend on the source."""
+    tasks = select_tasks(_option(cfg, "tasks"))
+    length, num_samples = _positive_int(cfg, "context_length"), _positive_int(cfg, "num_samples")
+    source = str(_option(cfg, "source"))
+    if source == "hub":
+        return _load_hub(cfg, tasks, length, num_samples)
+    if source != "generated":
+        raise KVBenchError(f"unknown dataset.source '{source}'; use generated or hub")
+    if tokenizer is None:
+        raise KVBenchError("generated RULER prompts are sized with the model's tokenizer; pass one (or use dataset.source=hub)")
+    seed = _option(cfg, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise KVBenchError(f"dataset.seed must be an integer, got {seed!r}")
+    reserve = bool(_option(cfg, "reserve_generation"))
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    rows = []
+    for task in tasks:
+        max_new_tokens = MAX_NEW_TOKENS[task_kind(task)]
+        budget = length - max_new_tokens if reserve else length
+        for index in range(num_samples):
+            prompt = generate(task, seed, index, budget, count)
+            rows.append({
+                "context": prompt.context,
+                "question": prompt.question,
+                "answer_prefix": prompt.answer_prefix,
+                "answers": list(prompt.answers),
+                "max_new_tokens": max_new_tokens,
+                "task": task,
+                "sample_id": f"{task}-{index:04d}",
+                "context_length": length,
+            })
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _load_hub(cfg: Mapping | None, tasks: list[str], length: int, num_samples: int) -> pd.DataFrame:
+    hub_id = str(_option(cfg, "hub_id"))
+    config = str(_option(cfg, "hub_config") or length)
+    if hub_id == DEFAULTS["hub_id"] and config not in HUB_CONFIGS:
+        raise KVBenchError(
+            f"{hub_id} has configs {', '.join(HUB_CONFIGS)}, not '{config}'; set dataset.context_length "
+            f"(or dataset.hub_config) to one of them, or use dataset.source=generated for any length"
+        )
+    import datasets
+
+    try:
+        frame = datasets.load_dataset(hub_id, config, split="test").to_pandas()
+    except Exception as exc:  # network, auth and missing-dataset errors come from several libraries
+        raise KVBenchError(
+            f"could not load {hub_id} ({config}) from the Hugging Face hub ({type(exc).__name__}: the hub is unreachable "
+            f"or has no such dataset); use dataset.source=generated to build RULER offline"
+        ) from exc
+    missing = {"context", "question", "answer_prefix", "answer", "task", "max_new_tokens"} - set(frame.columns)
+    if missing:
+        raise KVBenchError(f"{hub_id} ({config}) lacks the column(s) {', '.join(sorted(missing))}; it is not a RULER export")
+    target = int(config) if config.isdigit() else length
+    parts = []
+    for task in tasks:
+        rows = frame[frame["task"] == task].head(num_samples).reset_index(drop=True)
+        parts.append(pd.DataFrame({
+            "context": rows["context"].astype(str),
+            "question": rows["question"].astype(str),
+            "answer_prefix": rows["answer_prefix"].astype(str),
+            "answers": [[answer] if isinstance(answer, str) else [str(a) for a in answer] for answer in rows["answer"]],
+            "max_new_tokens": rows["max_new_tokens"].astype(int),
+            "task": task,
+            "sample_id": [f"{task}-{i:04d}" for i in range(len(rows))],
+            "context_length": target,
+        }, columns=list(COLUMNS)))
+    result = pd.concat(parts, ignore_index=True)
+    if result.empty:
+        raise KVBenchError(f"{hub_id} ({config}) has no rows for the task(s) {', '.join(tasks)}")
+    return result
