@@ -224,10 +224,10 @@ def test_code_sim():
 
 def test_score_task_first_line_and_max():
     classes = ["Animal", "Food"]
-    assert m.score_task("trec", "\nAnimal\nFood", ["Animal"], all_classes=classes) == 1.0
-    assert m.score_task("triviaqa", "Paris\nQuestion: next?", ["London", "Paris"]) == 1.0
+    assert m.score_task("trec", "\nAnimal\nFood", ["Animal"], all_classes=classes) == 100.0
+    assert m.score_task("triviaqa", "Paris\nQuestion: next?", ["London", "Paris"]) == 100.0
     # not a first-line task: the whole prediction counts
-    assert m.score_task("hotpotqa", "Paris\nFrance", ["Paris"]) == pytest.approx(2 / 3)
+    assert m.score_task("hotpotqa", "Paris\nFrance", ["Paris"]) == pytest.approx(200 / 3)
     with pytest.raises(KVBenchError):
         m.score_task("vcsum", "x", ["y"])
 

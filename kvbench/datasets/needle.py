@@ -85,7 +85,7 @@ def _token_starts(tokenizer: Any, text: str) -> list[int] | None:
     """Character offset where each token starts, or None for tokenizers that cannot report offsets."""
     try:
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError):
+    except (RuntimeError, TypeError, ValueError):  # slow tokenizers cannot report offsets
         return None
     offsets = encoded.get("offset_mapping") if hasattr(encoded, "get") else None
     if offsets is None:

@@ -152,7 +152,7 @@ BUCKETS = ("0-4k", "4-8k", "8k+")
 
 
 def score_task(task: str, prediction: str, answers: Sequence[str] | str, all_classes: Sequence[str] | None = None) -> float:
-    """Score one sample in [0, 1]: the best match over all reference answers, with the task's metric."""
+    """Score one sample in [0, 100] (as kvbench.metrics.ruler does): the best match over all references, with the task's metric."""
     if task not in TASK_METRICS:
         raise KVBenchError(f"no LongBench metric for task '{task}'; known tasks: {', '.join(TASK_METRICS)}")
     if isinstance(answers, str):
@@ -165,7 +165,7 @@ def score_task(task: str, prediction: str, answers: Sequence[str] | str, all_cla
     best = 0.0
     for answer in answers:
         best = max(best, float(metric(prediction, str(answer), all_classes=classes)))
-    return best
+    return 100.0 * best
 
 
 def length_bucket(length: int) -> str:
@@ -206,7 +206,7 @@ def compute(predictions: pd.DataFrame) -> dict:
     per_sample_bucket: dict[str, dict[str, list[float]]] = {}
     for record in predictions.to_dict("records"):
         task = str(record["task"])
-        value = 100.0 * score_task(task, record["prediction"], list(record["answers"]), _classes(record.get("all_classes")))
+        value = score_task(task, record["prediction"], list(record["answers"]), _classes(record.get("all_classes")))
         per_sample.setdefault(task, []).append(value)
         if has_length:
             bucket = length_bucket(int(record["length"]))
