@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kvbench.errors import KVBenchError
@@ -42,6 +43,10 @@ def main(cfg: DictConfig) -> float | None:
         return execute(cfg, variant).get("score")
     except KVBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # sys.exit would end the whole sweep (Hydra only catches Exception): raising marks this job failed,
+            # the launcher still runs the others, and Hydra reports the failure when the sweep ends.
+            raise
         sys.exit(2)
 
 

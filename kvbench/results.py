@@ -9,6 +9,7 @@ checkpointed in ``.partial/<name>/`` so an interrupted run resumes where it stop
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -105,8 +106,16 @@ class RunDirectory:
             return None
         if OmegaConf.to_container(OmegaConf.load(saved), resolve=True) != _identity(config):
             return None
-        records = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]
-        return pd.DataFrame(records) if records else None
+        records = []
+        for line in rows.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line torn by a kill mid-write; that sample is simply computed again
+        if not records:
+            return None
+        # Two workers running the same configuration append to the same file: keep one row per sample.
+        return pd.DataFrame(records).drop_duplicates("sample_id").reset_index(drop=True)
 
     def checkpoint(self, config: DictConfig, records: list[dict]) -> None:
         """Append finished rows (one JSON line each; a torn last line is ignored on resume)."""
@@ -137,9 +146,20 @@ class RunDirectory:
                 shutil.rmtree(staging)  # another worker finished the same configuration first
                 return self.path
             trash = Path(tempfile.mkdtemp(prefix=f".trash-{self.name}-", dir=self.root))
-            os.replace(self.path, trash / self.name)
+            try:
+                os.replace(self.path, trash / self.name)
+            except FileNotFoundError:
+                pass  # another worker moved it away in the meantime
             shutil.rmtree(trash, ignore_errors=True)
-        os.replace(staging, self.path)
+        try:
+            os.replace(staging, self.path)
+        except OSError as exc:
+            # Another worker renamed its copy of this configuration into place after our check above: a
+            # directory cannot be renamed onto a non-empty one. Same configuration, same results: keep theirs.
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.is_complete():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            return self.path
         shutil.rmtree(self.partial, ignore_errors=True)
         return self.path
 

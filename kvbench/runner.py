@@ -198,6 +198,8 @@ def summarize_speed(predictions: pd.DataFrame) -> dict:
 
 
 def _baseline_metrics(cfg: DictConfig, variant: str) -> dict | None:
+    """The finished no_press run of the same windows (query-awareness means nothing without compression)."""
+    variant = "__".join(part for part in variant.split("__") if part and part != "query_aware")
     name = run_name(cfg.dataset.name, cfg.model.name, "no_press", 0.0, variant)
     baseline = RunDirectory(cfg.output_dir, name)
     return baseline.metrics() if baseline.is_complete() else None

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# The standard kvbench sweep as three Hydra multiruns, then the leaderboard (docs/sweeps.md explains the
+# launchers and how results from many workers merge).
+#
+#   1. baseline     no_press                                         (hydra/sweeper=baseline)
+#   2. presses      every registry press but no_press x 0.25,0.5,0.75,0.875   (hydra/sweeper=presses)
+#   3. query_aware  snapkv, adakv_snapkv with query_aware=true x the same ratios (hydra/sweeper=query_aware)
+#   4. python -m kvbench.leaderboard <output_dir>
+#
+# The passes run one after the other because perplexity runs compare themselves with the finished baseline.
+# Finished configurations are skipped by kvbench itself, so rerunning this script resumes a broken sweep.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: leaderboard.sh [options] [-- hydra overrides...]
+
+Run the standard kvbench sweep (no_press; every press at compression ratios 0.25, 0.5, 0.75, 0.875;
+snapkv and adakv_snapkv query-aware at the same ratios) as Hydra multiruns, then build the leaderboard
+in <output_dir>/leaderboard/.
+
+Options (environment variable in brackets; an option wins over its variable):
+  --model NAME        model preset of conf/model/ [MODEL] (default: smollm2-135m)
+  --dataset NAME      dataset preset of conf/dataset/ [DATASET] (default: ruler; pg19 with --quick)
+  --launcher NAME     Hydra launcher, e.g. joblib_gpus, slurm, slurm_local, joblib [LAUNCHER]
+                      (default: Hydra's basic launcher, one job after the other in one process)
+  --output-dir DIR    where result directories and the leaderboard go [OUTPUT_DIR] (default: results)
+  --ratios LIST       comma-separated compression ratios instead of 0.25,0.5,0.75,0.875 [RATIOS]
+  --quick             tiny data for a smoke test that finishes in minutes on a laptop CPU: still every
+                      press and every ratio; the data settings become part of the run names, so quick
+                      runs never stand in for full ones [QUICK=1]
+  --dry-run           print the commands instead of running them [DRY_RUN=1]
+  -h, --help          show this help
+
+Everything after `--` is passed to every kvbench pass as Hydra overrides, e.g.
+  leaderboard.sh --model llama-3.1-8b-instruct --launcher joblib_gpus -- max_context_length=16384
+  leaderboard.sh --launcher slurm -- hydra.launcher.partition=gpu hydra.launcher.timeout_min=240
+Python: $PYTHON if set, else .venv/bin/python next to this script if present, else `python`.
+EOF
+}
+
+die() {
+    echo "leaderboard.sh: $*" >&2
+    echo "Try 'leaderboard.sh --help'." >&2
+    exit 2
+}
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+MODEL="${MODEL:-smollm2-135m}"
+DATASET="${DATASET:-}"
+LAUNCHER="${LAUNCHER:-}"
+OUTPUT_DIR="${OUTPUT_DIR:-results}"
+RATIOS="${RATIOS:-}"
+QUICK="${QUICK:-0}"
+DRY_RUN="${DRY_RUN:-0}"
+EXTRA=()
+
+# Accepts both `--opt value` and `--opt=value`.
+while (($#)); do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --quick) QUICK=1 ;;
+        --dry-run) DRY_RUN=1 ;;
+        --model=* | --dataset=* | --launcher=* | --output-dir=* | --ratios=*)
+            set -- "${1%%=*}" "${1#*=}" "${@:2}"
+            continue
+            ;;
+        --model | --dataset | --launcher | --output-dir | --ratios)
+            (($# >= 2)) || die "$1 needs a value"
+            case "$1" in
+                --model) MODEL="$2" ;;
+                --dataset) DATASET="$2" ;;
+                --launcher) LAUNCHER="$2" ;;
+                --output-dir) OUTPUT_DIR="$2" ;;
+                --ratios) RATIOS="$2" ;;
+            esac
+            shift
+            ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) die "unknown option '$1' (Hydra overrides go after --)" ;;
+    esac
+    shift
+done
+
+[[ -n "$MODEL" ]] || die "--model must not be empty"
+[[ -n "$OUTPUT_DIR" ]] || die "--output-dir must not be empty"
+if [[ -z "$DATASET" ]]; then
+    if [[ "$QUICK" == 1 ]]; then DATASET=pg19; else DATASET=ruler; fi
+fi
+if [[ -n "$RATIOS" && ! "$RATIOS" =~ ^[0-9.]+(,[0-9.]+)*$ ]]; then
+    die "--ratios takes comma-separated numbers, e.g. 0.5,0.875 (got '$RATIOS')"
+fi
+
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python; fi
+fi
+
+# Quick mode shrinks the data, never the set of presses or ratios. These are task overrides, so kvbench
+# appends them to the run names (e.g. ...__snapkv__0.50__context_length=128__...); few and short, so that
+# with "__query_aware" the suffix stays under kvbench's 80-character limit and is not replaced by a hash.
+QUICK_ARGS=()
+if [[ "$QUICK" == 1 ]]; then
+    case "$DATASET" in
+        pg19) QUICK_ARGS=(dataset.context_length=128 dataset.max_windows_per_book=1 dataset.num_books=1) ;;
+        ruler) QUICK_ARGS=(dataset.context_length=256 dataset.num_samples=1 "dataset.tasks=[niah_single_1,qa_1]") ;;
+        needle) QUICK_ARGS=("dataset.context_lengths=[256]" "dataset.depths=[50]") ;;
+        longbench_e) QUICK_ARGS=(dataset.num_samples=1 "dataset.tasks=[qasper,hotpotqa]" max_context_length=1024) ;;
+        *) die "--quick has no tiny settings for dataset '$DATASET'; pass your own after -- and drop --quick" ;;
+    esac
+fi
+
+# Tiny inputs gain nothing from several torch threads, and on a shared or busy CPU OpenMP threads that
+# outnumber free cores spin against each other (measured on 2 shared cores: 4 quick jobs 44 s -> 9 s).
+if [[ "$QUICK" == 1 ]]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
+
+COMMON=("model=$MODEL" "dataset=$DATASET" "output_dir=$OUTPUT_DIR")
+[[ -n "$LAUNCHER" ]] && COMMON+=("hydra/launcher=$LAUNCHER")
+RATIO_ARGS=()
+[[ -n "$RATIOS" ]] && RATIO_ARGS=("compression_ratio=$RATIOS")
+
+show() {
+    printf '%q' "$1"
+    shift
+    (($#)) && printf ' %q' "$@"
+    printf '\n'
+}
+
+# run NAME CMD...: print the command; in a dry run that is all.
+run() {
+    local name="$1"
+    shift
+    if [[ "$DRY_RUN" == 1 ]]; then
+        show "$@"
+        return 0
+    fi
+    echo "==> $name: $(show "$@")"
+    "$@"
+}
+
+KVBENCH=("$PYTHON" -m kvbench -m)
+START=$SECONDS
+FAILED=()
+
+# Without a baseline nothing else can be compared (and the same mistake would fail every later job): stop.
+run baseline "${KVBENCH[@]}" hydra/sweeper=baseline "${COMMON[@]}" ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} \
+    ${EXTRA[@]+"${EXTRA[@]}"} || die "the no_press baseline failed; not starting the press sweeps"
+# A failed press pass must not cost the results of the other pass: go on, build the leaderboard from what
+# finished, and report the failure in the exit status.
+run presses "${KVBENCH[@]}" hydra/sweeper=presses "${COMMON[@]}" ${RATIO_ARGS[@]+"${RATIO_ARGS[@]}"} \
+    ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || FAILED+=(presses)
+run query_aware "${KVBENCH[@]}" hydra/sweeper=query_aware "${COMMON[@]}" ${RATIO_ARGS[@]+"${RATIO_ARGS[@]}"} \
+    ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || FAILED+=(query_aware)
+run leaderboard "$PYTHON" -m kvbench.leaderboard "$OUTPUT_DIR"
+
+if [[ "$DRY_RUN" != 1 ]]; then
+    echo "==> standard sweep of $MODEL on $DATASET done in $((SECONDS - START)) s; leaderboard: $OUTPUT_DIR/leaderboard/index.html"
+fi
+if ((${#FAILED[@]})); then
+    echo "leaderboard.sh: these passes had failed jobs (see the errors above): ${FAILED[*]}" >&2
+    exit 1
+fi

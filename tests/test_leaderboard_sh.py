@@ -1,0 +1,169 @@
+"""leaderboard.sh: the commands it issues (dry run), the jobs its sweep presets expand to, and one real
+quick sweep (every press, one ratio) ending in the leaderboard files."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from kvbench.presses import PRESSES
+from kvbench.results import run_name, variant_from_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "leaderboard.sh"
+RATIOS = (0.25, 0.5, 0.75, 0.875)
+COMPRESSING = sorted(set(PRESSES) - {"no_press"})
+QUICK_PG19 = ["dataset.context_length=128", "dataset.max_windows_per_book=1", "dataset.num_books=1"]
+QUICK_VARIANT = "context_length=128__max_windows_per_book=1__num_books=1"
+CLEAN_ENV = ("MODEL", "DATASET", "LAUNCHER", "OUTPUT_DIR", "RATIOS", "QUICK", "DRY_RUN", "PYTHON")
+
+
+def script(*args: str, env: dict | None = None, script_path: Path = SCRIPT, timeout: int = 60) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    return subprocess.run(["bash", str(script_path), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**base, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def dry_run(*args: str, **kw) -> list[list[str]]:
+    result = script("--dry-run", *args, **kw)
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def sweep_jobs(command: list[str]) -> list[list[str]]:
+    """The per-job task overrides Hydra's basic sweeper makes of one printed kvbench command.
+
+    Mirrors BasicSweeper.sweep: the preset's hydra.sweeper.params, then the command line's task overrides
+    (hydra/ overrides are not task overrides and never reach a job's overrides).
+    """
+    assert command[1:4] == ["-m", "kvbench", "-m"], command
+    overrides = command[4:]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        parsed = parser.parse_overrides(params + list(cfg.hydra.overrides.task))
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def run_names(jobs: list[list[str]]) -> set[str]:
+    """The result directory each job writes, computed the way kvbench names runs."""
+    names = set()
+    for job in jobs:
+        values = dict(o.split("=", 1) for o in job)
+        press = values.get("press", "snapkv")
+        ratio = 0.0 if press == "no_press" else float(values.get("compression_ratio", 0.5))
+        names.add(run_name(values["dataset"], values["model"], press, ratio, variant_from_overrides(job)))
+    return names
+
+
+def test_help_lists_the_options():
+    result = script("--help")
+    assert result.returncode == 0
+    for option in ("--model", "--dataset", "--launcher", "--output-dir", "--ratios", "--quick", "--dry-run", "MODEL", "OUTPUT_DIR"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [(["--bogus"], "unknown option '--bogus'"), (["--model"], "--model needs a value"),
+                                          (["--ratios", "half"], "--ratios takes comma-separated numbers"),
+                                          (["--quick", "--dataset", "mystery"], "no tiny settings for dataset 'mystery'")])
+def test_bad_arguments_fail_with_one_message(args, message):
+    result = script("--dry-run", *args)
+    assert result.returncode == 2 and message in result.stderr and result.stdout == ""
+
+
+def test_standard_sweep_is_three_multiruns_then_the_leaderboard(tmp_path):
+    out = tmp_path / "res"
+    commands = dry_run("--model", "pythia-160m", "--dataset", "pg19", "--launcher", "joblib_gpus", "--output-dir", str(out),
+                       "--", "max_context_length=4096", "hydra.launcher.n_jobs=4")
+    python = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else "python"
+    assert [c[0] for c in commands] == [python] * 4
+    assert [c[4] for c in commands[:3]] == ["hydra/sweeper=baseline", "hydra/sweeper=presses", "hydra/sweeper=query_aware"]
+    for command in commands[:3]:
+        for arg in ("model=pythia-160m", "dataset=pg19", f"output_dir={out}", "hydra/launcher=joblib_gpus",
+                    "max_context_length=4096", "hydra.launcher.n_jobs=4"):
+            assert arg in command, command
+        assert not any(a.startswith("compression_ratio=") for a in command)  # the presets' four ratios apply
+    assert commands[3] == [python, "-m", "kvbench.leaderboard", str(out)]
+
+
+def test_presets_expand_to_the_registry_with_plain_run_names():
+    baseline, presses, query_aware, _ = dry_run("--dataset", "pg19")
+    assert run_names(sweep_jobs(baseline)) == {"pg19__smollm2-135m__no_press__0.00"}
+    expected = {run_name("pg19", "smollm2-135m", p, r) for p, r in itertools.product(COMPRESSING, RATIOS)}
+    jobs = sweep_jobs(presses)
+    assert len(jobs) == len(expected) == (len(PRESSES) - 1) * 4
+    assert run_names(jobs) == expected  # no "__sweep=..." or other variant from choosing a preset
+    expected = {run_name("pg19", "smollm2-135m", p, r, "query_aware") for p, r in itertools.product(["snapkv", "adakv_snapkv"], RATIOS)}
+    assert run_names(sweep_jobs(query_aware)) == expected
+
+
+def test_quick_keeps_every_press_and_ratio_and_marks_its_runs():
+    commands = dry_run("--quick")
+    assert all("dataset=pg19" in c and all(a in c for a in QUICK_PG19) for c in commands[:3])
+    names = run_names(sweep_jobs(commands[1]))
+    assert names == {run_name("pg19", "smollm2-135m", p, r, QUICK_VARIANT) for p, r in itertools.product(COMPRESSING, RATIOS)}
+    names = run_names(sweep_jobs(commands[2]))
+    assert names == {run_name("pg19", "smollm2-135m", p, r, f"{QUICK_VARIANT}__query_aware")
+                     for p, r in itertools.product(["snapkv", "adakv_snapkv"], RATIOS)}  # readable, not hashed
+    ruler = dry_run("--quick", "--dataset", "ruler", "--ratios", "0.5")
+    assert "dataset.num_samples=1" in ruler[1] and "compression_ratio=0.5" in ruler[1]
+
+
+def test_options_win_over_environment_and_environment_over_defaults():
+    env = {"MODEL": "pythia-160m", "DATASET": "needle", "OUTPUT_DIR": "elsewhere", "LAUNCHER": "slurm", "RATIOS": "0.5"}
+    first = dry_run(env=env)[1]
+    assert {"model=pythia-160m", "dataset=needle", "output_dir=elsewhere", "hydra/launcher=slurm", "compression_ratio=0.5"} <= set(first)
+    first = dry_run("--model=smollm2-135m", "--output-dir", "mine", env=env)[1]
+    assert {"model=smollm2-135m", "output_dir=mine", "dataset=needle"} <= set(first)
+
+
+def test_python_is_the_venv_one_next_to_the_script_else_python(tmp_path):
+    copy = tmp_path / "leaderboard.sh"
+    shutil.copy(SCRIPT, copy)
+    assert {c[0] for c in dry_run(script_path=copy)} == {"python"}
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.write_text("#!/bin/sh\n")
+    venv_python.chmod(0o755)
+    assert {c[0] for c in dry_run(script_path=copy)} == {str(venv_python)}
+    assert {c[0] for c in dry_run(script_path=copy, env={"PYTHON": "/opt/py"})} == {"/opt/py"}
+
+
+@pytest.mark.integration
+def test_quick_sweep_builds_the_leaderboard_with_every_press(tmp_path):
+    """The real script end to end, reduced to the middle and the most aggressive ratio (25 jobs in one
+    process, about 40 s; the full --quick sweep is 49 jobs) to keep the suite short."""
+    out = tmp_path / "results"
+    result = script("--quick", "--ratios", "0.5,0.875", "--output-dir", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    board = out / "leaderboard"
+    table = pd.read_csv(board / "leaderboard.csv")
+    ran = {(r.press, float(r.compression_ratio), bool(r.query_aware)) for r in table.itertuples()}
+    ratios = (0.5, 0.875)
+    expected = ({("no_press", 0.0, False)} | {(p, r, False) for p in COMPRESSING for r in ratios}
+                | {(p, r, True) for p in ("snapkv", "adakv_snapkv") for r in ratios})
+    assert ran == expected and len(table) == len(expected)
+    assert set(table["dataset"]) == {"pg19"} and set(table["model"]) == {"smollm2-135m"}
+    # Every run directory holds the quick variant, and the presses were compared with the baseline (which
+    # kvbench only looks up for runs without the query_aware variant).
+    assert all(name.endswith((f"__{QUICK_VARIANT}", f"__{QUICK_VARIANT}__query_aware")) for name in table["run_name"])
+    plain_presses = (table["press"] != "no_press") & ~table["query_aware"].astype(bool)
+    assert table.loc[plain_presses, "perplexity_delta"].notna().all()
+    markdown = (board / "leaderboard.md").read_text()
+    html = (board / "index.html").read_text()
+    for press in PRESSES:
+        assert press in markdown and press in html
+    assert "query-aware" in markdown
+    assert list(board.glob("*.png"))
