@@ -131,7 +131,14 @@ def _save(fig: Figure, path: Path, legend_ax: Axes | None = None) -> Path:
     axes = legend_ax or fig.axes[0]
     handles, labels = axes.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=9)
+        if max(len(label) for label in labels) <= 32:
+            fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=9)
+        else:
+            # Long variant labels beside the axes would squeeze them to nothing: list them underneath and
+            # grow the figure by one text line per entry instead.
+            width, height = fig.get_size_inches()
+            fig.set_size_inches(max(width, 7.5), height + 0.19 * len(labels))
+            fig.legend(handles, labels, loc="outside lower center", frameon=False, fontsize=8, ncols=1)
     fig.savefig(path, dpi=110, bbox_inches="tight", facecolor="white")
     return path
 

@@ -24,12 +24,11 @@ def projected_value_norm(state: LayerState, block: int = 1024) -> torch.Tensor:
     b, kv_heads, seq_len, d = values.shape
     weight = model_access.output_projection(state.module).float()  # [hidden, H * d]
     n_heads = weight.shape[1] // d
-    per_head = weight.view(weight.shape[0], kv_heads, n_heads // kv_heads, d)  # [hidden, kv, g, d]
+    per_head = weight.view(weight.shape[0], kv_heads, n_heads // kv_heads, d).permute(1, 2, 3, 0)  # [kv, g, d, hidden]
     out = []
     for start in range(0, seq_len, block):  # blocks bound memory at long contexts
-        v = values[:, :, start : start + block]
-        projected = torch.einsum("bjld,ojgd->bjglo", v, per_head)
-        out.append(projected.abs().sum(dim=-1).mean(dim=2))
+        projected = values[:, :, None, start : start + block] @ per_head  # [b, kv, g, block, hidden]
+        out.append(torch.linalg.vector_norm(projected, ord=1, dim=-1).mean(dim=2))
     return torch.cat(out, dim=-1)
 
 
