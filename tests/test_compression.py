@@ -239,3 +239,33 @@ def test_unsupported_family_is_named():
     with pytest.raises(kvbench.KVBenchError, match="llama, mistral, qwen2, qwen3, gpt_neox"):
         with kvbench.compress(model, kvbench.build_press("knorm", compression_ratio=0.5)):
             pass
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_snapkv_window_votes_equal_the_models_own_attention(models, family):
+    """SnapKV recomputes the window queries itself; they must match the model's eager attention weights."""
+    from kvbench.presses.base import LayerState
+    from kvbench.presses.snapkv import window_votes
+
+    model = models[(family, "eager")]
+    caught = {}
+
+    def grab(module, args, kwargs, output):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        caught[module.layer_idx] = (hidden, kwargs["position_embeddings"], cache.layers[module.layer_idx].keys, output[1])
+
+    from kvbench.compression.head_mask import attention_modules
+
+    handles = [m.register_forward_hook(grab, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        with torch.no_grad():
+            model(_ids(CONTEXT, 16), past_key_values=DynamicCache(config=model.config), output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for idx, (hidden, (cos, sin), keys, attention) in caught.items():
+        module = attention_modules(model)[idx]
+        state = LayerState(module, idx, hidden, keys, keys, cos, sin, rotary=None)
+        votes = window_votes(state, 16)
+        torch.testing.assert_close(votes.reshape(attention.shape[1], CONTEXT), attention[0, :, -16:].mean(dim=1), atol=1e-5, rtol=1e-4)
