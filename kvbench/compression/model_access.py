@@ -52,26 +52,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
-def pre_rope_queries(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Queries before RoPE, [b, num_heads, n, head_dim], with q-norm where the model has one."""
+def _project(module: nn.Module, hidden_states: torch.Tensor, which: str) -> torch.Tensor:
+    """``which`` = "q" or "k": that projection, per head, with the q/k norm where the model has one."""
     if model_type(module) in FUSED_QKV:
-        return _split_fused(module, hidden_states)[0]
+        return _split_fused(module, hidden_states)["qk".index(which)]
     b, n, _ = hidden_states.shape
-    q = module.q_proj(hidden_states).view(b, n, -1, head_dim(module))
-    if hasattr(module, "q_norm"):
-        q = module.q_norm(q)
-    return q.transpose(1, 2)
+    x = getattr(module, f"{which}_proj")(hidden_states).view(b, n, -1, head_dim(module))
+    norm = getattr(module, f"{which}_norm", None)
+    return (norm(x) if norm is not None else x).transpose(1, 2)
+
+
+def pre_rope_queries(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Queries before RoPE, [b, num_heads, n, head_dim]."""
+    return _project(module, hidden_states, "q")
 
 
 def pre_rope_keys(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Keys before RoPE, [b, kv_heads, n, head_dim], with k-norm where the model has one."""
-    if model_type(module) in FUSED_QKV:
-        return _split_fused(module, hidden_states)[1]
-    b, n, _ = hidden_states.shape
-    k = module.k_proj(hidden_states).view(b, n, -1, head_dim(module))
-    if hasattr(module, "k_norm"):
-        k = module.k_norm(k)
-    return k.transpose(1, 2)
+    """Keys before RoPE, [b, kv_heads, n, head_dim]."""
+    return _project(module, hidden_states, "k")
 
 
 def queries(module: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
