@@ -50,7 +50,10 @@ def variant_from_overrides(overrides: list[str]) -> str:
             if str(value).lower() in ("true", "1", "yes"):
                 parts.append("query_aware")
             continue
-        parts.append(f"{key.removeprefix('press.').removeprefix('dataset.')}={value}" if key.startswith(("press.", "dataset.")) and key.count(".") == 1 else f"{key}={value}")
+        # press.window_size / dataset.context_length read better without their group (one level only)
+        group, _, leaf = key.partition(".")
+        short = leaf if group in ("press", "dataset") and "." not in leaf else key
+        parts.append(f"{short}={value}")
     variant = _clean("__".join(sorted(parts)))
     if len(variant) > MAX_VARIANT:
         digest = hashlib.sha1(variant.encode()).hexdigest()[:10]

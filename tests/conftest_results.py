@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from kvbench.leaderboard.table import format_ratio
+from kvbench.results import run_name
 
 DEFAULT_SPEED = {
     "prefill_seconds": 0.40,
@@ -32,11 +32,6 @@ def _speed_for(ratio: float) -> dict[str, float]:
     speed["seconds_per_token"] = 0.02 * (1 - ratio / 2)
     speed["compression_seconds"] = 0.0 if ratio == 0 else 0.05
     return speed
-
-
-def run_name(dataset: str, model: str, press: str, ratio: float, variant: str = "") -> str:
-    name = f"{dataset}__{model}__{press}__{format_ratio(ratio)}"
-    return f"{name}__{variant}" if variant else name
 
 
 def make_config(dataset: str, model: str, press: str, ratio: float, query_aware: bool = False) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import pandas as pd
 import yaml
 
 from kvbench.errors import KVBenchError
+from kvbench.results import RESULT_FILES, format_ratio  # the leaderboard reads what results.py writes
 
-RESULT_FILES = ("config.yaml", "metrics.json", "predictions.csv")
 NO_PRESS = "no_press"
 QUERY_AWARE_VARIANT = "query_aware"
 # Directories the tooling itself writes next to the runs; they are never runs.
@@ -61,14 +61,6 @@ class SkippedRun(NamedTuple):
 
     path: Path
     reason: str
-
-
-def format_ratio(ratio: float) -> str:
-    """Print a ratio the way run names do (``0.50``, ``0.875``) so tables and file names agree."""
-    text = f"{ratio:.2f}"
-    if abs(float(text) - ratio) > 1e-9:
-        text = f"{ratio:.6f}".rstrip("0")
-    return text
 
 
 def line_label(press: str, query_aware: bool = False, variant: str = "") -> str:
