@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import kvbench
+from kvbench.compression import model_access
 from kvbench.compression.cache import CompressedLayer
 from kvbench.generation import base_model
 from kvbench.presses import PRESSES
@@ -252,7 +253,7 @@ def test_snapkv_window_votes_equal_the_models_own_attention(models, family):
 
     def grab(module, args, kwargs, output):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        cache = model_access.cache_from_kwargs(kwargs)
         caught[module.layer_idx] = (hidden, kwargs["position_embeddings"], cache.layers[module.layer_idx].keys, output[1])
 
     from kvbench.compression.head_mask import attention_modules

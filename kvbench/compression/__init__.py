@@ -43,7 +43,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, press: Press, stats: CompressionStats, rotary: nn.Module):
-    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    cache = model_access.cache_from_kwargs(kwargs)
     layer = layer_of(cache, module.layer_idx)
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     seq_len = hidden.shape[1]

@@ -31,7 +31,10 @@ class CompressedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.keys.shape[-2] + self.removed
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # transformers < 5.4 passes the new tokens' cache positions, later releases their count.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.keys.shape[-2] + query_length, self.removed
 
     def kept_pairs(self) -> int:

@@ -25,10 +25,6 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
             and (hasattr(m, "q_proj") or hasattr(m, "query_key_value"))]
 
 
-def _cache_from(kwargs: dict):
-    return kwargs.get("past_key_values", kwargs.get("layer_past"))
-
-
 def per_head_mask(layer: CompressedLayer, q_len: int, incoming: torch.Tensor | None, n_heads: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask [b, n_heads, q, P + A + q]: per-head keep mask over the P compressed tokens, all A
     tokens appended since, causal over the q new ones."""
@@ -47,7 +43,7 @@ def per_head_mask(layer: CompressedLayer, q_len: int, incoming: torch.Tensor | N
 
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-    layer = layer_of(_cache_from(kwargs), module.layer_idx)
+    layer = layer_of(model_access.cache_from_kwargs(kwargs), module.layer_idx)
     if not isinstance(layer, CompressedLayer) or layer.head_mask is None:
         return None
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

@@ -8,6 +8,8 @@ only part of each head). This module is the one place that knows those names, so
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -93,3 +95,20 @@ def find_rotary_embedding(model: nn.Module) -> nn.Module:
                 return child
         raise ValueError(f"{type(model).__name__} has no rotary embedding module; kvbench needs a RoPE model")
     return rotary
+
+
+CACHE_KWARGS = ("cache", "past_key_values", "layer_past")  # newer transformers say "cache"; older ones and GPT-NeoX the others
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The cache an attention module was called with, whatever this transformers release names the argument."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword this model's forward takes its cache under: ``cache`` in newer transformers releases (which
+    still accept ``past_key_values`` with a deprecation warning), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

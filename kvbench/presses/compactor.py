@@ -1,8 +1,14 @@
 """Compactor (arXiv:2507.08143): blend statistical leverage of the keys with chunked attention.
 
 Leverage finds keys that are geometrically unusual (hard to reconstruct from the others); the chunked,
-non-causal attention finds keys that nearby queries actually use. Both are z-normalised per head so the
-``blending`` weight (default: the compression ratio, i.e. lean on leverage when pruning hard) is meaningful.
+non-causal attention finds keys that nearby queries actually use. Each score is z-normalised over the whole
+layer (all heads and tokens together), not per head: a per-head normalisation would give every head the
+same spread and so cancel the reallocation AdaKV makes between heads. ``blending`` weighs leverage against
+attention; by default it is the compression ratio (lean on leverage when pruning hard), as in kvpress.
+
+The ``sink_size_start`` first and ``sink_size_end`` last tokens are kept unconditionally and taken out before
+scoring, so they do not enter the centring, the sketch's Gram matrix, the chunk boundaries or the
+normalisation statistics.
 """
 
 from __future__ import annotations
@@ -17,33 +23,53 @@ from kvbench.presses.base import LayerState, Press
 from kvbench.presses.snapkv import pool_same_length
 
 
-def zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(dim=-1, keepdim=True)) / (x.std(dim=-1, keepdim=True) + 1e-6)
+def layer_zscore(x: torch.Tensor) -> torch.Tensor:
+    """z-score over every head and token of the layer (one mean, one unbiased std per batch element)."""
+    return (x - x.mean(dim=(-2, -1), keepdim=True)) / x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+
+
+def _cholesky_with_jitter(gram: torch.Tensor, jitter: float = 1e-2, tries: int = 5) -> torch.Tensor:
+    """Cholesky factor of ``gram + jitter * I``, raising the jitter tenfold until every matrix factorises."""
+    identity = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    for _ in range(tries):
+        factor, info = torch.linalg.cholesky_ex(gram + jitter * identity)
+        if bool((info == 0).all()):
+            return factor
+        jitter *= 10.0
+    raise torch.linalg.LinAlgError(f"leverage: the keys' Gram matrix is not positive definite even with jitter {jitter / 10:g}")
 
 
 def leverage(keys: torch.Tensor, sketch_dimension: int, generator: torch.Generator) -> torch.Tensor:
-    """Approximate leverage x_i^T (X^T X)^-1 x_i of centred keys [b, h, L, d] via a Gaussian sketch."""
-    x = keys - keys.mean(dim=-2, keepdim=True)
-    d = x.shape[-1]
-    if sketch_dimension < d:
-        sketch = torch.randn(d, sketch_dimension, generator=generator, device=x.device) / math.sqrt(sketch_dimension)
-        x = x @ sketch
+    """Approximate leverage x_i^T (X^T X)^-1 x_i of centred pre-RoPE keys [b, h, L, d], clamped at 0.
+
+    X is sketched on the right by a Gaussian matrix drawn per (batch, head), which keeps the k x k solve cheap;
+    a small jitter on the Gram matrix keeps the Cholesky factorisation stable for rank-deficient keys.
+    """
+    b, h, _, d = keys.shape
+    sketch = torch.randn(b, h, d, sketch_dimension, generator=generator, device=keys.device, dtype=keys.dtype)
+    x = (keys - keys.mean(dim=-2, keepdim=True)) @ (sketch / math.sqrt(sketch_dimension))
+    x = x.float()
     gram = x.transpose(-1, -2) @ x
-    gram = gram + 1e-5 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(x.shape[-1], device=x.device)
-    solved = torch.linalg.solve(gram, x.transpose(-1, -2)).transpose(-1, -2)
-    return (solved * x).sum(dim=-1)
+    factor = _cholesky_with_jitter(0.5 * (gram + gram.transpose(-1, -2)))
+    solved = torch.cholesky_solve(x.transpose(-1, -2), factor)  # (X^T X)^-1 X^T, [b, h, k, L]
+    return (x * solved.transpose(-1, -2)).sum(dim=-1).clamp_min(0)
 
 
 def chunked_attention_mass(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Column sums of non-causal attention inside non-overlapping chunks: [b, H, L] -> how much each key is used."""
+    """Column sums of non-causal attention inside non-overlapping chunks: [b, H, L] -> how much each key is used.
+
+    The logits are plain dot products (no 1/sqrt(d)), and a last partial chunk is zero-padded to the chunk
+    size, so padded keys take a zero logit and padded queries spread uniform attention over the chunk: the
+    method's published formulation, kept so rankings match it.
+    """
     b, n_heads, seq_len, d = queries.shape
     keys = keys.repeat_interleave(n_heads // keys.shape[1], dim=1)
-    out = []
-    for start in range(0, seq_len, chunk_size):
-        q, k = queries[:, :, start : start + chunk_size], keys[:, :, start : start + chunk_size]
-        attn = (q @ k.transpose(-1, -2) / math.sqrt(d)).softmax(dim=-1)
-        out.append(attn.sum(dim=-2))
-    return torch.cat(out, dim=-1)
+    padded = math.ceil(seq_len / chunk_size) * chunk_size
+    pad = (0, 0, 0, padded - seq_len)
+    q = torch.nn.functional.pad(queries, pad).view(b, n_heads, -1, chunk_size, d)
+    k = torch.nn.functional.pad(keys, pad).view(b, n_heads, -1, chunk_size, d)
+    attn = (q @ k.transpose(-1, -2)).float().softmax(dim=-1)
+    return attn.sum(dim=-2).reshape(b, n_heads, padded)[..., :seq_len]
 
 
 @dataclass
@@ -56,17 +82,27 @@ class CompactorPress(Press):
     seed: int = 0
 
     def score(self, state: LayerState) -> torch.Tensor:
-        module, keys, values = state.module, state.keys, state.values
-        b, kv_heads, seq_len, _ = keys.shape
+        module, seq_len = state.module, state.seq_len
+        start = min(self.sink_size_start, seq_len)
+        end = min(self.sink_size_end, max(0, seq_len - start))
+        inner = slice(start, seq_len - end)
+        hidden, keys, values = state.hidden_states[:, inner], state.keys[:, :, inner], state.values[:, :, inner]
+        if keys.shape[-2] == 0:
+            return torch.full(state.keys.shape[:-1], float("inf"), device=state.keys.device)
+        b, kv_heads, _, _ = keys.shape
         generator = torch.Generator(device=keys.device).manual_seed(self.seed + state.layer_idx)
-        lev = leverage(model_access.pre_rope_keys(module, state.hidden_states).float(), self.sketch_dimension, generator)
-        q = model_access.queries(module, state.hidden_states, state.cos, state.sin).float()
+        lev = leverage(model_access.pre_rope_keys(module, hidden).float(), self.sketch_dimension, generator)
+        q = model_access.queries(module, hidden, state.cos[:, inner], state.sin[:, inner]).float()
         mass = chunked_attention_mass(q, keys.float(), self.chunk_size)
-        mass = mass.view(b, kv_heads, -1, seq_len).mean(dim=2) * values.float().norm(dim=-1)
+        mass = mass.view(b, kv_heads, -1, mass.shape[-1]).mean(dim=2) * values.float().norm(dim=-1)
         mass = pool_same_length(mass, 3, "avg")
-        blending = self.blending if self.blending is not None else 1.0 - self.n_kept(seq_len) / seq_len
-        scores = blending * zscore(lev) + zscore(mass)
-        scores[..., : self.sink_size_start] = float("inf")
-        if self.sink_size_end:
-            scores[..., -self.sink_size_end :] = float("inf")
-        return scores
+        scores = self.blending_weight(seq_len) * layer_zscore(lev) + layer_zscore(mass)
+        return torch.nn.functional.pad(scores, (start, end), value=float("inf"))
+
+    def blending_weight(self, seq_len: int) -> float:
+        """``blending`` if set, else the share of the context removed (the ratio, or what a budget removes)."""
+        if self.blending is not None:
+            return float(self.blending)
+        if self.budget is None:
+            return float(self.compression_ratio)
+        return 1.0 - self.n_kept(seq_len) / seq_len

@@ -48,10 +48,17 @@ class CriticalKVPress(WrapperPress):
 
 @dataclass
 class CriticalAdaKVPress(CriticalKVPress):
+    """CriticalKV inside AdaKV budgets: AdaKV's safeguarded selection on the base scores fixes how many tokens
+    each head keeps; the two CriticalKV stages then choose which, inside each head. Running AdaKV again on the
+    rescaled scores would let the projection norm move budget between heads, which the method does not do."""
+
     alpha_safeguard: float = 0.2
 
     head_adaptive: ClassVar[bool] = True
 
     def select(self, scores: torch.Tensor, state: LayerState, n_kept: int) -> selection.Selection:
-        stage_one = selection.adakv(scores, int(n_kept * self.first_stage_ratio), self.alpha_safeguard).mask
-        return selection.adakv(selection.forced(self.rescaled(scores, state), stage_one), n_kept, self.alpha_safeguard)
+        budgets = selection.adakv(scores, n_kept, self.alpha_safeguard).mask.sum(dim=-1)
+        # AdaKV's safeguard tokens are the head's best base scores, so they stay in stage one even when
+        # the head's first-stage share is smaller.
+        first = (budgets * self.first_stage_ratio).long().clamp_min(int(n_kept * self.alpha_safeguard))
+        return selection.two_stage(scores, self.rescaled(scores, state), first, budgets)

@@ -45,9 +45,13 @@ class ExpectedAttentionPress(Press):
     epsilon: float = 0.0
 
     def score(self, state: LayerState) -> torch.Tensor:
-        module, keys = state.module, state.keys
-        b, kv_heads, seq_len, d = keys.shape
+        module = state.module
+        b, kv_heads, seq_len, d = state.keys.shape
         sink = min(self.n_sink, seq_len - 1)
+        # Sinks draw attention whatever their content; they are kept unconditionally and taken out before the
+        # softmax and the value-norm rescaling, or heads that attend to them would see every other score shrink
+        # (and under AdaKV lose budget to heads that do not).
+        keys, values = state.keys[:, :, sink:].float(), state.values[:, :, sink:].float()
         q = model_access.pre_rope_queries(module, state.hidden_states[:, sink:]).float()  # [b, H, n, d]
         n_heads = q.shape[1]
         mu = q.mean(dim=2)
@@ -55,15 +59,14 @@ class ExpectedAttentionPress(Press):
         cos, sin = state.rotary(positions)
         rot = mean_rotation(cos[0], sin[0], d)
         mu = mu @ rot.T
-        k = keys.float().repeat_interleave(n_heads // kv_heads, dim=1)  # [b, H, L, d]
+        k = keys.repeat_interleave(n_heads // kv_heads, dim=1)  # [b, H, L - sink, d]
         logits = torch.einsum("bhld,bhd->bhl", k, mu) / math.sqrt(d)
-        if self.use_covariance and q.shape[2] > 1:
+        if self.use_covariance:
             centred = q - q.mean(dim=2, keepdim=True)
             cov = centred.transpose(-1, -2) @ centred / q.shape[2]
             cov = rot @ cov @ rot.T
             logits = logits + torch.einsum("bhld,bhde,bhle->bhl", k, cov, k) / (2 * d)
-        scores = logits.softmax(dim=-1).view(b, kv_heads, n_heads // kv_heads, seq_len).mean(dim=2)
+        scores = logits.softmax(dim=-1).view(b, kv_heads, n_heads // kv_heads, -1).mean(dim=2)
         if self.use_vnorm:
-            scores = (scores + self.epsilon) * state.values.float().norm(dim=-1)
-        scores[..., :sink] = float("inf")
-        return scores
+            scores = (scores + self.epsilon) * values.norm(dim=-1)
+        return torch.nn.functional.pad(scores, (sink, 0), value=float("inf"))

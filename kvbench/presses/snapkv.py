@@ -52,6 +52,14 @@ def window_votes(state: LayerState, window: int) -> torch.Tensor:
 
 @dataclass
 class SnapKVPress(Press):
+    """SnapKV: keys ranked by the pooled mean attention of the last ``window_size`` context queries; the window
+    itself is always kept.
+
+    A budget smaller than the window keeps the window's most recent tokens. This differs on purpose from kvpress,
+    whose window tokens all tie at the top score and so keep an arbitrary subset of them; recency is the
+    sensible order for tokens that are all "the question's neighbourhood".
+    """
+
     window_size: int = 64
     kernel_size: int = 5
     pooling: str = "avg"

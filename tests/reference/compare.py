@@ -1,0 +1,134 @@
+"""kvbench against the kvpress 0.5.5 fixtures: kept (layer, head, token) pairs and post-compression logits.
+
+Used by tests/test_reference.py; run it directly to print the table (press, ratio -> kept pairs that differ,
+relative logits difference):
+
+    .venv/bin/python -m tests.reference.compare [tiny_llama_gqa|smollm2]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kvbench
+from kvbench.compression.cache import stored_lengths
+from kvbench.compression.model_access import cache_argument
+from kvbench.generation import base_model
+from kvbench.presses import selection
+from transformers import DynamicCache
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+RANDOM_SKETCH = ("compactor", "adakv_compactor")
+
+
+@dataclass
+class Outcome:
+    kept: np.ndarray  # [layers, kv_heads, L] bool
+    logits: torch.Tensor  # at the fixture's logit ids
+
+
+@lru_cache(maxsize=2)
+def fixture(name: str) -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / f"{name}.npz") as data:
+        return dict(data)
+
+
+@lru_cache(maxsize=2)
+def model_for(name: str):
+    if name == "smollm2":
+        from kvbench.models import ModelSpec, load_model
+
+        model, _ = load_model(ModelSpec("smollm2-135m", dtype="float32", attn_implementation="sdpa", device="cpu"))
+        return model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def reference(name: str, key: str) -> Outcome:
+    data = fixture(name)
+    length = int(data["context_length"])
+    kept = np.unpackbits(data[f"kept/{key}"], axis=-1, count=length).astype(bool)
+    return Outcome(kept, torch.from_numpy(data[f"logits/{key}"]))
+
+
+def reference_keys(name: str) -> list[str]:
+    """``press/ratio`` for every fixture entry (one per press and ratio; sketch seeds folded)."""
+    keys = {k.removeprefix("kept/").rsplit("/seed", 1)[0] for k in fixture(name) if k.startswith("kept/")}
+    return sorted(keys)
+
+
+def reference_seeds(name: str, key: str) -> list[str]:
+    return sorted(k.removeprefix("kept/") for k in fixture(name) if k.startswith(f"kept/{key}/seed"))
+
+
+@torch.no_grad()
+def kvbench_outcome(name: str, press_name: str, ratio: float, **params) -> Outcome:
+    """kvbench's kept pairs (captured from the press' own selection) and question logits over its cache."""
+    data, model = fixture(name), model_for(name)
+    press = kvbench.build_press(press_name, compression_ratio=ratio, **params)
+    masks: dict[int, torch.Tensor] = {}
+    select = press.select
+
+    def spy(scores, state, n_kept):
+        chosen = select(scores, state, n_kept)
+        mask = chosen.mask if chosen.head_adaptive else selection.mask_from_indices(chosen.indices, scores.shape[-1])
+        masks[state.layer_idx] = mask[0]
+        return chosen
+
+    press.select = spy
+    context = torch.from_numpy(data["context_ids"]).long()[None]
+    question = torch.from_numpy(data["question_ids"]).long()[None]
+    cache = DynamicCache(config=model.config)
+    with kvbench.compress(model, press):
+        base_model(model)(input_ids=context, **{cache_argument(model): cache})
+    assert min(stored_lengths(cache)) < context.shape[1], "the press compressed nothing"
+    logits = model(input_ids=question, **{cache_argument(model): cache}).logits[0, -1].float()
+    kept = np.stack([masks[i].numpy() for i in sorted(masks)])
+    return Outcome(kept, logits[torch.from_numpy(data["logit_ids"]).long()])
+
+
+def kept_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of ``a``'s kept (layer, head, token) pairs that ``b`` does not keep."""
+    return float((a & ~b).sum() / max(a.sum(), 1))
+
+
+def logits_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest logit difference relative to the largest reference logit magnitude."""
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def seed_spread(name: str, key: str) -> float:
+    """The reference's own seed-to-seed spread: the largest kept-pair difference between two of its seeds."""
+    seeds = [reference(name, k).kept for k in reference_seeds(name, key)]
+    return max(kept_difference(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1 :])
+
+
+def table(name: str) -> list[tuple[str, float, float, float | None]]:
+    """(press/ratio, kept pairs that differ, relative logits difference, reference seed spread or None)."""
+    rows = []
+    for key in reference_keys(name):
+        press_name, ratio = key.split("/")
+        ours = kvbench_outcome(name, press_name, float(ratio))
+        if press_name in RANDOM_SKETCH:
+            refs = [reference(name, k) for k in reference_seeds(name, key)]
+            kept = float(np.mean([kept_difference(r.kept, ours.kept) for r in refs]))
+            logits = float(np.mean([logits_difference(ours.logits, r.logits) for r in refs]))
+            rows.append((key, kept, logits, seed_spread(name, key)))
+        else:
+            ref = reference(name, key)
+            rows.append((key, kept_difference(ref.kept, ours.kept), logits_difference(ours.logits, ref.logits), None))
+    return rows
+
+
+if __name__ == "__main__":
+    for fixture_name in sys.argv[1:] or ["tiny_llama_gqa", "smollm2"]:
+        print(f"\n{fixture_name}\n| press/ratio | kept pairs differing | logits rel. diff | reference seed spread |\n|---|---|---|---|")
+        for key, kept, logits, spread in table(fixture_name):
+            print(f"| {key} | {kept:.2%} | {logits:.2e} | {'' if spread is None else f'{spread:.2%}'} |")

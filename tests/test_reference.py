@@ -1,0 +1,82 @@
+"""Every press kvbench shares with kvpress 0.5.5 against that reference's own outputs.
+
+The fixtures (kept positions per layer and head, logits of a question after compression) were produced by
+kvpress itself in a throw-away environment by tests/reference/make_fixtures.py, on a tiny random GQA Llama
+and on the packaged SmolLM2, at ratios 0.25, 0.5 and 0.875. Deterministic presses must keep exactly the same
+(layer, head, token) pairs and give the same logits; Compactor draws a random sketch, so its kept pairs must
+differ from each reference seed by no more than the reference's seeds differ from one another.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.reference import compare
+
+LOGITS_RTOL = 1e-4  # same kept pairs: only float rounding (different transformers releases) remains
+WINDOW = 64  # SnapKV's window_size in the fixtures
+
+
+def _cases(name: str) -> list[str]:
+    return compare.reference_keys(name) if (compare.FIXTURES / f"{name}.npz").exists() else []
+
+
+def _below_window(name: str, key: str) -> bool:
+    """SnapKV-based presses whose budget is smaller than the window: a documented, deliberate difference."""
+    press_name, ratio = key.split("/")
+    n_kept = int(int(compare.fixture(name)["context_length"]) * (1 - float(ratio)))
+    return "snapkv" in press_name and n_kept < WINDOW
+
+
+def check(name: str, key: str, **params) -> None:
+    press_name, ratio = key.split("/")
+    ours = compare.kvbench_outcome(name, press_name, float(ratio), **params)
+    if press_name in compare.RANDOM_SKETCH:
+        spread = compare.seed_spread(name, key)
+        refs = [compare.reference(name, k) for k in compare.reference_seeds(name, key)]
+        differences = [compare.kept_difference(ref.kept, ours.kept) for ref in refs]
+        assert np.mean(differences) <= spread + 1e-3, (
+            f"{key}: kvbench differs from kvpress' seeds by {np.mean(differences):.2%} on average, "
+            f"more than kvpress' own seed-to-seed spread ({spread:.2%})"
+        )
+        return
+    ref = compare.reference(name, key)
+    if _below_window(name, key):
+        # kvbench keeps the window's most recent tokens where kvpress keeps an arbitrary subset of tied ones.
+        assert ours.kept.sum() == ref.kept.sum()
+        if press_name == "snapkv":
+            n_kept = int(ours.kept.sum(-1).max())
+            assert ours.kept[..., -n_kept:].all()
+        return
+    layer, head, token = np.nonzero(ref.kept != ours.kept)
+    assert len(token) == 0, f"{key}: {len(token)} kept pairs differ, first at layer {layer[0]} head {head[0]} token {token[0]}"
+    torch.testing.assert_close(ours.logits, ref.logits, rtol=0, atol=LOGITS_RTOL * float(ref.logits.abs().max()))
+
+
+@pytest.mark.parametrize("key", _cases("tiny_llama_gqa"))
+def test_tiny_gqa_model_matches_kvpress(key):
+    check("tiny_llama_gqa", key)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("key", _cases("smollm2"))
+def test_packaged_smollm2_matches_kvpress(key):
+    check("smollm2", key)
+
+
+def test_fixtures_cover_every_shared_press_and_ratio():
+    expected = {f"{p}/{r}" for p in ("knorm", "streaming_llm", "snapkv", "adakv_snapkv", "expected_attention", "compactor",
+                                     "adakv_compactor", "critical_snapkv", "critical_adakv_snapkv") for r in (0.25, 0.5, 0.875)}
+    for name in ("tiny_llama_gqa", "smollm2"):
+        assert set(_cases(name)) == expected, name
+
+
+def test_the_comparison_catches_a_wrong_press():
+    """The check fails when kvbench's press deviates: AdaKV with uniform budgets (a safeguard of 1), Expected Attention
+    with its sinks inside the softmax (the behaviour this suite was written to catch)."""
+    with pytest.raises(AssertionError, match="kept pairs differ"):
+        check("tiny_llama_gqa", "adakv_snapkv/0.5", alpha_safeguard=1.0)
+    with pytest.raises(AssertionError, match="kept pairs differ"):
+        check("tiny_llama_gqa", "expected_attention/0.5", n_sink=0)
