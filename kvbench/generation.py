@@ -15,7 +15,9 @@ import torch
 from transformers import DynamicCache
 
 from kvbench.compression import CompressionStats, compress
+from kvbench.compression import model_access
 from kvbench.compression.cache import kv_bytes, stored_lengths, truncate
+from kvbench.errors import KVBenchError
 from kvbench.presses.base import Press
 
 
@@ -55,13 +57,24 @@ def _ids(tokenizer, text: str, add_special_tokens: bool) -> torch.Tensor:
     return torch.tensor([tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]], dtype=torch.long)
 
 
-def truncate_middle(ids: torch.Tensor, max_length: int | None) -> tuple[torch.Tensor, int]:
-    """Keep the beginning and the end (instructions and the most recent text), cut the middle."""
+def truncate_middle(ids: torch.Tensor, max_length: int | None, head: int | None = None) -> tuple[torch.Tensor, int]:
+    """Keep the first ``head`` (default: half) and the last tokens, ``max_length`` in all; cut the middle.
+
+    The beginning and the end hold the instructions and the most recent text (LongBench's rule).
+    Returns the ids and how many tokens were cut.
+    """
     n = ids.shape[-1]
-    if not max_length or n <= max_length:
+    if max_length is None or n <= max_length:
         return ids, 0
-    head = max_length // 2
+    head = max_length // 2 if head is None else max(0, min(head, max_length))
     return torch.cat([ids[..., :head], ids[..., n - (max_length - head) :]], dim=-1), n - max_length
+
+
+def _budgets(max_new_tokens: int | list[int], count: int) -> list[int]:
+    budgets = [int(max_new_tokens)] * count if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+    if len(budgets) != count:
+        raise ValueError(f"max_new_tokens has {len(budgets)} entries for {count} questions")
+    return budgets
 
 
 def build_prompt(
@@ -72,11 +85,19 @@ def build_prompt(
     *,
     use_chat_template: bool | None = None,
     query_aware: bool = False,
-    max_context_length: int | None = None,
+    max_length: int | None = None,
+    max_new_tokens: int | list[int] = 0,
 ) -> Prompt:
-    """Token ids for one context and its questions. ``query_aware`` needs exactly one question."""
+    """Token ids for one context and its questions. ``query_aware`` needs exactly one question.
+
+    ``max_length`` bounds every sequence the model sees: the templated context, one question with the
+    answer prefix, and that question's ``max_new_tokens`` (one int, or one per question). A prompt that
+    would not fit loses the middle of its context, as LongBench's pred.py cuts the middle of the prompt
+    to the model's length minus the generation budget; ``Prompt.truncated_tokens`` says how much went.
+    """
     if query_aware and len(questions) != 1:
         raise ValueError("query_aware compresses the question with the context, so each context takes one question")
+    budgets = _budgets(max_new_tokens, len(questions))
     use_chat = has_chat_template(tokenizer) if use_chat_template is None else use_chat_template and has_chat_template(tokenizer)
     marker_context, marker_question = "\x00KVBENCH_CONTEXT\x00", "\x00KVBENCH_QUESTION\x00"
     if use_chat:
@@ -89,15 +110,27 @@ def build_prompt(
     between, after_question = rest.split(marker_question)
     # Plain text: let the tokenizer add BOS; a chat template writes its own special tokens.
     add_special = not use_chat
-    cut = 0
     if query_aware:
         context_ids = _ids(tokenizer, before_context + context + between + questions[0], add_special)
-        context_ids, cut = truncate_middle(context_ids, max_context_length)
         question_ids = [_ids(tokenizer, after_question + answer_prefix, False)]
+        fixed_end = _ids(tokenizer, between + questions[0], False).shape[-1]  # kept whole: it is the query
     else:
         context_ids = _ids(tokenizer, before_context + context, add_special)
-        context_ids, cut = truncate_middle(context_ids, max_context_length)
         question_ids = [_ids(tokenizer, between + q + after_question + answer_prefix, False) for q in questions]
+        fixed_end = 0
+    cut = 0
+    if max_length is not None:
+        tail = max(q.shape[-1] + b for q, b in zip(question_ids, budgets))
+        fixed_start = _ids(tokenizer, before_context, add_special).shape[-1]
+        room = int(max_length) - tail
+        if room < fixed_start + fixed_end + 1:
+            raise KVBenchError(
+                f"max_context_length={max_length} leaves no room for the context: the template, question, answer prefix "
+                f"and max_new_tokens={max(budgets)} take {tail + fixed_start + fixed_end} tokens; raise max_context_length"
+            )
+        # Cut the middle of the context itself: as many context tokens kept before the cut as after it.
+        head = fixed_start + (room - fixed_start - fixed_end) // 2
+        context_ids, cut = truncate_middle(context_ids, room, head)
     return Prompt(context_ids=context_ids, question_ids=question_ids, truncated_tokens=cut)
 
 
@@ -114,6 +147,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache(model, cache) -> dict:
+    return {model_access.cache_argument(model): cache}
+
+
 def base_model(model):
     """The decoder stack (``model.model`` for Llama-likes, ``model.gpt_neox`` for Pythia)."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -127,7 +164,7 @@ def prefill(model, context_ids: torch.Tensor, press: Press) -> tuple[DynamicCach
     _sync(device)
     start = time.perf_counter()
     with compress(model, press) as stats:
-        out = base_model(model)(input_ids=context_ids.to(device), past_key_values=cache, use_cache=True)
+        out = base_model(model)(input_ids=context_ids.to(device), **_cache(model, cache), use_cache=True)
     _sync(device)
     return cache, time.perf_counter() - start, stats, out.last_hidden_state[:, -1:]
 
@@ -138,7 +175,7 @@ def greedy_decode(model, cache, question_ids: torch.Tensor, max_new_tokens: int,
     device = model.device
     _sync(device)
     start = time.perf_counter()
-    logits = model(input_ids=question_ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=question_ids.to(device), **_cache(model, cache), use_cache=True, logits_to_keep=1).logits
     tokens: list[int] = []
     next_id = int(logits[0, -1].argmax())
     _sync(device)
@@ -149,7 +186,7 @@ def greedy_decode(model, cache, question_ids: torch.Tensor, max_new_tokens: int,
         if next_id in eos_ids or len(tokens) >= max_new_tokens:
             break
         step = torch.tensor([[next_id]], device=device)
-        logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=step, **_cache(model, cache), use_cache=True).logits
         next_id = int(logits[0, -1].argmax())
     _sync(device)
     per_token = (time.perf_counter() - decode_start) / max(len(tokens) - 1, 1)
@@ -209,10 +246,13 @@ def continuation_nll(model, context_ids: torch.Tensor, continuation_ids: torch.T
     first_logits = model.get_output_embeddings()(last_hidden)
     _sync(device)
     start = time.perf_counter()
-    rest_logits = model(input_ids=continuation_ids[:, :-1], past_key_values=cache, use_cache=True).logits
+    logits = first_logits
+    if continuation_ids.shape[-1] > 1:  # a one-token continuation is scored by the prefill output alone
+        rest_logits = model(input_ids=continuation_ids[:, :-1], **_cache(model, cache), use_cache=True).logits
+        logits = torch.cat([first_logits, rest_logits], dim=1)
     _sync(device)
     forced_seconds = time.perf_counter() - start
-    logits = torch.cat([first_logits, rest_logits], dim=1).float()
+    logits = logits.float()
     nll = torch.nn.functional.cross_entropy(logits[0], continuation_ids[0], reduction="sum")
     run = ContextRun(
         answers=[],

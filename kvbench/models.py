@@ -141,6 +141,32 @@ def load_tokenizer(name_or_path: str = "smollm2-135m"):
         raise _hub_error(str(source), exc) from exc
 
 
+def load_config(name_or_path: str = "smollm2-135m"):
+    """The model's Hugging Face config, read without its weights (cheap enough to check a run before loading).
+
+    A packaged model not converted yet is read from its GGUF metadata, so the check never triggers the
+    one-time conversion.
+    """
+    from transformers import AutoConfig
+
+    if name_or_path in PACKAGED_MODELS and not (cache_root() / "models" / name_or_path / "config.json").exists():
+        gguf = packaged_gguf_path(name_or_path)
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source = resolve_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        if isinstance(source, Path):
+            raise KVBenchError(f"could not read a model config from {source}: {exc}") from exc
+        raise _hub_error(str(source), exc) from exc
+
+
+def max_length(config) -> int | None:
+    """The longest sequence (prompt + generated tokens) the model was built for, or None if it does not say."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def check_supported(config) -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise KVBenchError(

@@ -6,6 +6,7 @@ their registries, the dataset's ``kind`` picks question answering or perplexity.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from kvbench import generation
 from kvbench.datasets import dataset_module, load_dataset
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
-from kvbench.models import ModelSpec, load_model
+from kvbench.models import ModelSpec, load_config, load_model, max_length
 from kvbench.presses import build_press
 from kvbench.results import RunDirectory, run_name
 
@@ -59,6 +60,73 @@ def press_params(cfg: DictConfig) -> dict:
     return params
 
 
+def explicit_max_length(cfg: DictConfig) -> int | None:
+    """``max_context_length`` as given: a positive integer, or None for "the model's maximum length"."""
+    value = cfg.get("max_context_length")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KVBenchError(f"max_context_length must be a positive integer or null (the model's maximum length), got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def _configured_max_length(name_or_path: str) -> int | None:
+    return max_length(load_config(name_or_path))
+
+
+def length_limit(cfg: DictConfig, model=None) -> int | None:
+    """The longest sequence a run may feed the model: ``max_context_length``, else the model's
+    ``max_position_embeddings`` (from the loaded model, or read from its config without the weights)."""
+    explicit = explicit_max_length(cfg)
+    if explicit is not None:
+        return explicit
+    if model is not None:
+        return max_length(model.config)
+    return _configured_max_length(str(cfg.model.name_or_path))
+
+
+def lengths_under_test(module, dcfg) -> list[tuple[str, int]]:
+    """The token lengths a dataset module declares as what it tests (``LENGTH_KEYS``), read from its config.
+
+    An entry of ``LENGTH_KEYS`` names a config key, or a tuple of keys whose values add up (a perplexity
+    window is its context plus its scored tokens); a list value (a grid of lengths) counts by its largest.
+    """
+    lengths = []
+    for entry in getattr(module, "LENGTH_KEYS", ()):
+        keys = (entry,) if isinstance(entry, str) else tuple(entry)
+        largest = [_largest_int(dcfg.get(key)) for key in keys]
+        if None not in largest:  # an unset or malformed value is the dataset's own error to report
+            lengths.append((" + ".join(f"dataset.{key}" for key in keys), sum(largest)))
+    return lengths
+
+
+def _largest_int(value) -> int | None:
+    values = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
+    numbers = [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return max(numbers) if numbers else None
+
+
+def check_lengths(cfg: DictConfig) -> None:
+    """Where the length is the test (RULER, needle, perplexity windows), a length the model may not see is
+    refused here, before the model loads and before anything is written: cutting it would test another length."""
+    lengths = lengths_under_test(dataset_module(cfg.dataset.name), cfg.dataset)
+    if not lengths:
+        return
+    limit = length_limit(cfg)
+    if limit is None:
+        return
+    implicit = explicit_max_length(cfg) is None
+    for name, value in lengths:
+        if value > limit:
+            raise KVBenchError(
+                f"{name}={value} is above max_context_length={limit}"
+                + (" (the model's max_position_embeddings)" if implicit else "")
+                + f"; lower {name.split(' + ')[0]}"
+                + (", or set max_context_length to go past the model's length on purpose" if implicit else " or raise max_context_length")
+            )
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail before loading anything heavy (the registries raise for unknown names)."""
     dataset_module(cfg.dataset.name)
@@ -66,6 +134,7 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise KVBenchError(f"compression_ratio must be a number in [0, 1), got {ratio}")
     build_press(cfg.press.name, **press_params(cfg))
+    check_lengths(cfg)
 
 
 @dataclass
@@ -75,6 +144,7 @@ class RunContext:
     tokenizer: object
     press: object
     directory: RunDirectory
+    max_length: int | None = None  # resolved max_context_length: no sequence the model sees is longer
 
 
 def _speed_row(run: generation.ContextRun) -> dict:
@@ -105,7 +175,7 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame, done: pd.DataFrame |
         groups = [todo.iloc[[i]] for i in range(len(todo))]
     else:
         groups = [g for _, g in todo.groupby(["context", "answer_prefix"], sort=False)]
-    window, warned = _window_of(ctx.press), False
+    window, warned, warned_cut = _window_of(ctx.press), False, False
     records = []
     progress = tqdm(total=len(df), initial=len(finished), desc=f"{ctx.directory.name}", unit="sample", leave=False)
     for group in groups:
@@ -118,8 +188,14 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame, done: pd.DataFrame |
             first["answer_prefix"],
             use_chat_template=use_chat,
             query_aware=bool(cfg.query_aware),
-            max_context_length=cfg.max_context_length,
+            max_length=ctx.max_length,
+            max_new_tokens=[int(x) for x in group["max_new_tokens"]],
         )
+        if prompt.truncated_tokens and not warned_cut:
+            log.warning("a prompt does not fit max_context_length=%d with its question and max_new_tokens: %d tokens were cut "
+                        "from the middle of its context; metrics.json counts such samples (truncated_samples, max_truncated_tokens)",
+                        ctx.max_length, prompt.truncated_tokens)
+            warned_cut = True
         short = window is not None and prompt.context_ids.shape[-1] <= window and not ctx.press.is_noop(prompt.context_ids.shape[-1])
         if short and not warned:
             log.warning("context of %d tokens is not longer than the press window (%d): the whole window is kept; recorded as short_context",
@@ -151,43 +227,50 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame, done: pd.DataFrame |
     return out.sort_values("sample_id", key=lambda s: s.map(order)).reset_index(drop=True)
 
 
-def perplexity_windows(tokenizer, books: pd.DataFrame, dcfg: DictConfig) -> list[dict]:
-    """Token windows per book: ``context_length`` prefilled (compressed), the next ``eval_length`` scored."""
-    context_length, eval_length = int(dcfg.context_length), int(dcfg.eval_length)
-    stride, limit = int(dcfg.get("stride", context_length + eval_length)), dcfg.get("max_windows_per_book")
-    windows = []
-    for _, book in books.iterrows():
-        ids = tokenizer(book["text"], add_special_tokens=False)["input_ids"]
-        starts = range(0, len(ids) - context_length - eval_length + 1, stride)
-        for i, start in enumerate(starts):
-            if limit is not None and i >= int(limit):
-                break
-            windows.append({"id": book["id"], "window": i, "start": start, "ids": ids[start : start + context_length + eval_length]})
-    if not windows:
-        raise KVBenchError(f"no book is longer than context_length + eval_length = {context_length + eval_length} tokens; lower dataset.context_length")
-    return windows
+def perplexity_predictions(ctx: RunContext, windows: pd.DataFrame, done: pd.DataFrame | None) -> pd.DataFrame:
+    """Score every window: its first ``context_tokens`` ids are prefilled (and compressed), the rest scored.
 
-
-def perplexity_predictions(ctx: RunContext, books: pd.DataFrame, done: pd.DataFrame | None) -> pd.DataFrame:
-    dcfg = ctx.cfg.dataset
-    windows = perplexity_windows(ctx.tokenizer, books, dcfg)
+    A perplexity dataset yields one row per window with ``sample_id``, ``input_ids`` and ``context_tokens``
+    (plus extras, kept in the predictions); where the windows lie is the dataset's business.
+    """
     finished = set(done["sample_id"]) if done is not None else set()
     records = []
-    context_length = int(dcfg.context_length)
-    for window in tqdm(windows, desc=ctx.directory.name, unit="window", leave=False):
-        sample_id = f"{window['id']}-{window['window']:03d}"
-        if sample_id in finished:
+    for window in tqdm(windows.to_dict("records"), desc=ctx.directory.name, unit="window", leave=False):
+        if window["sample_id"] in finished:
             continue
-        ids = torch.tensor([window["ids"]])
-        nll, n, run = generation.continuation_nll(ctx.model, ids[:, :context_length], ids[:, context_length:], ctx.press)
-        record = {"sample_id": sample_id, "id": window["id"], "window": window["window"], "start": window["start"],
-                  "nll_sum": nll, "num_tokens": n, "perplexity": math.exp(nll / n)}
+        ids = torch.tensor([list(window["input_ids"])], dtype=torch.long)
+        split = int(window["context_tokens"])
+        if ctx.max_length is not None and ids.shape[-1] > ctx.max_length:
+            raise KVBenchError(f"a perplexity window of {ids.shape[-1]} tokens is above max_context_length={ctx.max_length}; "
+                               f"use shorter windows or set max_context_length")
+        nll, n, run = generation.continuation_nll(ctx.model, ids[:, :split], ids[:, split:], ctx.press)
+        record = {k: v for k, v in window.items() if k != "input_ids"}
+        record.update(nll_sum=nll, num_tokens=n, perplexity=math.exp(nll / n))
         record.update(_speed_row(run))
         record["teacher_forced_seconds"] = run.extra["teacher_forced_seconds"]
         ctx.directory.checkpoint(ctx.cfg, [record])
         records.append(record)
     out = pd.DataFrame(records)
     return pd.concat([done, out], ignore_index=True) if done is not None else out
+
+
+def sample_counts(predictions: pd.DataFrame) -> dict:
+    """How much data stands behind the score, and how much of it was cut to fit the model.
+
+    ``num_samples_per_task`` is the smallest task's count (the whole run when rows carry no task): one
+    sample of a task with N samples moves that task's score by 100/N points.
+    """
+    if "task" in predictions and len(predictions):
+        per_task = int(predictions.groupby("task").size().min())
+    else:
+        per_task = len(predictions)
+    cut = pd.to_numeric(predictions["truncated_tokens"], errors="coerce").fillna(0) if "truncated_tokens" in predictions else pd.Series(dtype=float)
+    return {
+        "num_samples": len(predictions),
+        "num_samples_per_task": per_task,
+        "truncated_samples": int((cut > 0).sum()),
+        "max_truncated_tokens": int(cut.max()) if len(cut) else 0,
+    }
 
 
 def summarize_speed(predictions: pd.DataFrame) -> dict:
@@ -215,7 +298,7 @@ def execute(cfg: DictConfig, variant: str = "") -> dict:
     model, tokenizer = get_model(cfg, cfg.device)
     torch.manual_seed(int(cfg.seed))
     press = build_press(cfg.press.name, **press_params(cfg))
-    ctx = RunContext(cfg, model, tokenizer, press, directory)
+    ctx = RunContext(cfg, model, tokenizer, press, directory, length_limit(cfg, model))
     data = load_dataset(cfg.dataset.name, cfg.dataset, tokenizer)
     done = None if cfg.overwrite else directory.load_checkpoint(cfg)
     if done is not None:
@@ -234,7 +317,8 @@ def execute(cfg: DictConfig, variant: str = "") -> dict:
         query_aware=bool(cfg.query_aware),
         variant=variant,
         higher_is_better=metrics.get("higher_is_better", True),
-        num_samples=len(predictions),
+        max_context_length=ctx.max_length,
+        **sample_counts(predictions),
         short_contexts=int(predictions["short_context"].sum()) if "short_context" in predictions else 0,
         speed=summarize_speed(predictions),
         wall_seconds=time.perf_counter() - start,
@@ -259,6 +343,9 @@ def execute(cfg: DictConfig, variant: str = "") -> dict:
 def print_summary(metrics: dict, path) -> None:
     print(f"\n[kvbench] {metrics['run_name']}: score = {metrics['score']:.2f} over {metrics['num_samples']} samples "
           f"({'higher' if metrics['higher_is_better'] else 'lower'} is better)")
+    if metrics.get("truncated_samples"):
+        print(f"truncated: {metrics['truncated_samples']} samples cut to max_context_length={metrics['max_context_length']} "
+              f"(up to {metrics['max_truncated_tokens']} tokens each)")
     for key in ("per_task", "per_bucket"):
         if metrics.get(key):
             table = pd.Series(metrics[key], name="score").round(2)

@@ -33,7 +33,7 @@ def books(tmp_path):
 
 def pg19_args(books, out, *extra):
     return ["dataset=pg19", "dataset.source=local", f"dataset.path={books}", "dataset.context_length=96",
-            "dataset.eval_length=16", "dataset.stride=112", "dataset.max_windows_per_book=8", f"output_dir={out}", *extra]
+            "dataset.eval_length=16", "dataset.max_windows_per_book=8", f"output_dir={out}", *extra]
 
 
 def complete_dirs(out: Path) -> list[Path]:
@@ -61,6 +61,36 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, e
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert complete_dirs(out) == []
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["dataset=ruler", "dataset.context_length=9000"],
+         "dataset.context_length=9000 is above max_context_length=8192 (the model's max_position_embeddings)"),
+        (["dataset=needle", "dataset.context_lengths=[512,9000]"], "dataset.context_lengths + dataset.max_new_tokens=9032 is above max_context_length=8192"),
+        (["dataset=ruler", "dataset.context_length=1024", "max_context_length=512"], "dataset.context_length=1024 is above max_context_length=512"),
+    ],
+)
+def test_an_over_long_length_under_test_is_refused_in_one_line_and_nothing_is_written(tmp_path, args, expected):
+    out = tmp_path / "results"
+    result = kvbench(*args, f"output_dir={out}", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # Only Hydra's own log folder: no result directory, no .partial checkpoint, no staging directory.
+    assert not out.exists() or [p.name for p in out.iterdir()] == [".hydra"]
+
+
+def test_one_scored_token_per_window_works(tmp_path, books):
+    out = tmp_path / "results"
+    result = kvbench(*pg19_args(books, out, "dataset.eval_length=1", "dataset.max_windows_per_book=3", "press=knorm"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = complete_dirs(out)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["num_windows"] == 3 and metrics["num_tokens"] == 3 and metrics["score"] > 1.0
+    assert metrics["num_samples_per_task"] == 3 and metrics["truncated_samples"] == 0 and metrics["max_context_length"] == 8192
 
 
 def test_run_skip_kill_and_resume(tmp_path, books):

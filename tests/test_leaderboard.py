@@ -269,3 +269,43 @@ def test_paper_figures_script(tree, tmp_path):
     assert module.main([str(root), "--out", str(out), "--model", MODEL]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert module.main([str(root), "--out", str(out), "--model", "no-such-model"]) == 2
+
+
+def test_smoke_runs_and_truncated_runs_are_marked(tmp_path):
+    """Fewer than 50 samples per task is a smoke run: a column in the CSV, a mark in the grid and a label."""
+    root = tmp_path / "results"
+    write_run(root, "ruler", MODEL, "no_press", 0.0, 88.0, extra={"num_samples": 1300, "num_samples_per_task": 100})
+    write_run(root, "ruler", MODEL, "snapkv", 0.5, 74.5, extra={"num_samples": 1300, "num_samples_per_task": 100})
+    write_run(root, "ruler", MODEL, "knorm", 0.5, 50.0, extra={"num_samples": 26, "num_samples_per_task": 2})
+    write_run(root, "longbench_e", MODEL, "snapkv", 0.5, 36.0,
+              extra={"num_samples": 2600, "num_samples_per_task": 200, "truncated_samples": 7, "max_truncated_tokens": 1234})
+    write_run(root, "longbench_e", MODEL, "knorm", 0.5, 30.0, extra={"num_samples": 2600, "num_samples_per_task": 200})
+    # Runs written before num_samples_per_task existed: the per-task average stands in for it.
+    write_run(root, "pg19", MODEL, "no_press", 0.0, 12.5, extra={"num_samples": 12})
+    write_run(root, "pg19", MODEL, "snapkv", 0.5, 13.0, extra={"num_samples": 12})
+    board = build_leaderboard(root)
+
+    csv = pd.read_csv(board.csv)
+    flags = {(r.dataset, r.press): (bool(r.smoke), r.num_samples_per_task, r.truncated_samples) for r in csv.itertuples()}
+    assert flags[("ruler", "knorm")] == (True, 2, 0) and flags[("ruler", "snapkv")] == (False, 100, 0)
+    assert flags[("longbench_e", "snapkv")] == (False, 200, 7) and flags[("longbench_e", "knorm")] == (False, 200, 0)
+    assert flags[("pg19", "snapkv")] == (True, 12, 0)
+
+    md = board.markdown.read_text()
+    ruler = md.split("## ruler")[1].split("## ")[0]
+    assert "| knorm |  | 50.00 § |" in ruler and "| snapkv |  | **74.50** |" in ruler  # only the smoke cell is marked
+    assert "§ smoke run (1 of 3 runs): fewer than 50 samples per task (as few as 2)" in ruler
+    longbench = md.split("## longbench_e")[1].split("## ")[0]
+    assert "| snapkv | **36.00** † |" in longbench and "| knorm | 30.00 |" in longbench
+    assert "† truncated" in longbench and "1234 tokens" in longbench and "smoke" not in longbench
+    assert "## pg19 / smollm2-135m (smoke runs)" in md  # every run smoke: said in the heading, cells unmarked
+    pg19 = md.split("## pg19")[1].split("## ")[0]
+    assert "smoke runs: every run here has fewer than 50 samples per task (as few as 12)" in pg19 and "§" not in pg19
+    assert "## ruler / smollm2-135m\n" in md and "## longbench_e / smollm2-135m\n" in md
+
+    page = board.html.read_text(encoding="utf-8")
+    assert page.count('<sup class="mark" title="smoke run">§</sup>') == 1
+    assert page.count('<sup class="mark" title="prompts truncated">†</sup>') == 1
+    assert page.count('<span class="badge">smoke runs</span>') == 1
+    assert "<th>samples / task</th>" in page and "<th>smoke run</th>" in page and "<th>truncated</th>" in page
+    assert "fewer than 50 samples per task" in page

@@ -167,3 +167,46 @@ def test_quick_sweep_builds_the_leaderboard_with_every_press(tmp_path):
         assert press in markdown and press in html
     assert "query-aware" in markdown
     assert list(board.glob("*.png"))
+
+
+def job_config(job: list[str]):
+    """The config one job of a sweep runs with."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=job)
+
+
+def test_full_ruler_is_leaderboard_grade_and_quick_stays_small():
+    from kvbench.datasets import ruler
+    from kvbench.leaderboard.table import SMOKE_SAMPLES
+
+    commands = dry_run("--dataset", "ruler")
+    for command in commands[:3]:
+        assert "dataset.context_length=4096" in command and "dataset.num_samples=100" in command
+        for job in sweep_jobs(command):
+            cfg = job_config(job).dataset
+            assert cfg.context_length == 4096 and cfg.num_samples >= 100 > SMOKE_SAMPLES  # per task
+    assert len(ruler.select_tasks(job_config(sweep_jobs(commands[0])[0]).dataset.tasks)) == len(ruler.TASKS)
+    # The data settings name the runs, so a leaderboard run is never mistaken for `make run`'s smoke run.
+    assert run_names(sweep_jobs(commands[0])) == {"ruler__smollm2-135m__no_press__0.00__context_length=4096__num_samples=100"}
+    quick = dry_run("--quick", "--dataset", "ruler")
+    assert not any(a in c for c in quick for a in ("dataset.context_length=4096", "dataset.num_samples=100"))
+
+
+def test_an_override_after_the_dashes_replaces_the_leaderboard_setting():
+    for command in dry_run("--dataset", "ruler", "--", "dataset.num_samples=500")[:3]:
+        assert [a for a in command if a.startswith("dataset.num_samples=")] == ["dataset.num_samples=500"]
+        assert "dataset.context_length=4096" in command
+    assert not any("num_samples" in a for a in dry_run("--dataset", "pg19")[0])
+
+
+def test_full_pg19_scores_16k_tokens_and_full_needle_is_a_5x5_grid_or_more():
+    from kvbench.datasets import austen
+
+    baseline = dry_run("--dataset", "pg19")[0]
+    (job,) = sweep_jobs(baseline)
+    cfg = job_config(job).dataset
+    assert cfg.source == "austen"
+    assert len(austen.BOOK_IDS) * cfg.max_windows_per_book * cfg.eval_length >= 16_384  # every novel holds 22 windows
+    (job,) = sweep_jobs(dry_run("--dataset", "needle")[0])
+    cfg = job_config(job).dataset
+    assert len(cfg.context_lengths) >= 5 and len(cfg.depths) >= 5

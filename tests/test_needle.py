@@ -89,7 +89,19 @@ def test_hydra_config_file(tokenizer):
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "dataset" / "needle.yaml")
     assert cfg.name == "needle" and cfg.kind == "generate"
-    assert list(cfg.context_lengths) == [512, 1024, 2048] and list(cfg.depths) == [0, 25, 50, 75, 100]
+    # the default is the leaderboard grid: at least 5 x 5, every length within SmolLM2's 8192 positions
+    assert len(cfg.context_lengths) >= 5 and len(cfg.depths) >= 5
+    assert len(cfg.context_lengths) * len(cfg.depths) >= 50  # not a smoke run on the leaderboard
+    # the longest cell, with the chat template, the question and the answer's tokens, fits SmolLM2 uncut
+    from kvbench.generation import build_prompt
+
+    longest = needle.load({**OmegaConf.to_container(cfg), "context_lengths": [max(cfg.context_lengths)], "depths": [50]}, tokenizer).iloc[0]
+    prompt = build_prompt(tokenizer, longest.context, [longest.question], longest.answer_prefix, max_length=8192,
+                          max_new_tokens=int(longest.max_new_tokens))
+    assert prompt.truncated_tokens == 0
+    assert cfg.depths[0] == 0 and cfg.depths[-1] == 100
+    assert list(cfg.context_lengths) == sorted(set(cfg.context_lengths)) and list(cfg.depths) == sorted(set(cfg.depths))
+    assert list(needle.DEFAULT_LENGTHS) == list(cfg.context_lengths) and list(needle.DEFAULT_DEPTHS) == list(cfg.depths)
     cfg.context_lengths = [256]
     cfg.depths = [50]
     row = needle.load(cfg, tokenizer).iloc[0]

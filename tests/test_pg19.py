@@ -23,20 +23,20 @@ def test_local_source(tmp_path):
     (tmp_path / "a_first.txt").write_text("First book. " * 50, encoding="utf-8")
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
     (tmp_path / "notes.md").write_text("not a book", encoding="utf-8")
-    df = pg19.load({"source": "local", "path": str(tmp_path)}, None)
+    df = pg19.books({"source": "local", "path": str(tmp_path)})
     assert list(df.columns) == ["id", "text"]
     assert list(df["id"]) == ["a_first", "b_second"]
     assert df.iloc[0].text.startswith("First book.")
-    assert list(pg19.load({"source": "local", "path": str(tmp_path), "num_books": 1}, None)["id"]) == ["a_first"]
+    assert list(pg19.books({"source": "local", "path": str(tmp_path), "num_books": 1})["id"]) == ["a_first"]
 
 
 def test_local_source_errors(tmp_path):
     with pytest.raises(KVBenchError, match="dataset.path"):
-        pg19.load({"source": "local"}, None)
+        pg19.books({"source": "local"})
     with pytest.raises(KVBenchError, match="no .txt files"):
-        pg19.load({"source": "local", "path": str(tmp_path)}, None)
+        pg19.books({"source": "local", "path": str(tmp_path)})
     with pytest.raises(KVBenchError, match="unknown dataset.source"):
-        pg19.load({"source": "gutenberg"}, None)
+        pg19.books({"source": "gutenberg"})
 
 
 @pytest.mark.parametrize("hub_id", [None, "deepmind/pg19"])
@@ -54,7 +54,7 @@ def test_hub_source_with_stand_in(monkeypatch, hub_id):
     cfg = {"source": "hub", "num_books": 3}
     if hub_id:
         cfg["hub_id"] = hub_id
-    df = pg19.load(cfg, None)
+    df = pg19.books(cfg)
     assert calls == [(hub_id or "emozilla/pg19-test", "test", True)]
     assert list(df["id"]) == ["the_old_man", "the_old_man_2", "sea_stories"]
     assert df.iloc[2].text == "Text of Sea Stories 2."
@@ -68,7 +68,7 @@ def test_hub_offline_error(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(KVBenchError, match="dataset.source=austen"):
-        pg19.load({"source": "hub"}, None)
+        pg19.books({"source": "hub"})
 
 
 def test_austen_source_reads_cache(cache):
@@ -76,7 +76,7 @@ def test_austen_source_reads_cache(cache):
     folder.mkdir(parents=True)
     for book in austen.BOOK_IDS:
         (folder / f"{book}.txt").write_text(f"{book} text", encoding="utf-8")
-    df = pg19.load({"source": "austen", "num_books": 2}, None)
+    df = pg19.books({"source": "austen", "num_books": 2})
     assert list(df["id"]) == ["sense_and_sensibility", "pride_and_prejudice"]
     assert austen.ensure_austen() == folder
 
@@ -103,7 +103,7 @@ def test_ensure_austen_fetches_six_novels(cache):
     assert all(len(text) > 100_000 for text in texts.values())
     assert texts["emma"].startswith("EMMA")
     assert "It is a truth universally acknowledged" in texts["pride_and_prejudice"]
-    df = pg19.load({}, None)
+    df = pg19.books({})
     assert len(df) == 6
 
 
@@ -121,10 +121,112 @@ def test_hydra_config_file(tmp_path):
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "dataset" / "pg19.yaml")
     assert (cfg.name, cfg.kind, cfg.source, cfg.hub_id) == ("pg19", "perplexity", "austen", "emozilla/pg19-test")
-    assert (cfg.context_length, cfg.eval_length, cfg.stride, cfg.max_windows_per_book) == (1024, 128, 4096, 2)
+    assert (cfg.context_length, cfg.eval_length, cfg.max_windows_per_book) == (1024, 128, 22)
     (tmp_path / "book.txt").write_text("Words. " * 10, encoding="utf-8")
     cfg.source, cfg.path = "local", str(tmp_path)
-    assert list(pg19.load(cfg, None)["id"]) == ["book"]
+    assert list(pg19.books(cfg)["id"]) == ["book"]
+
+
+# ---- windows ------------------------------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word, so window positions can be checked by eye."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=True):
+        return {"input_ids": [int(word[1:]) for word in text.split()]}
+
+
+def _numbered_book(folder: Path, name: str, words: int) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.txt").write_text(" ".join(f"w{i}" for i in range(words)), encoding="utf-8")
+
+
+@pytest.mark.parametrize("length,window,count", [(10_000, 100, 8), (10_000, 1152, 8), (1_000, 100, 10), (999, 100, 3), (168_000, 1152, 22)])
+def test_window_starts_spread_over_the_whole_book(length, window, count):
+    starts = pg19.window_starts(length, window, count)
+    assert len(starts) == count and starts == sorted(starts)
+    assert all(b - a >= window for a, b in zip(starts, starts[1:]))  # no overlap
+    assert starts[0] >= 0 and starts[-1] + window <= length
+    segment = length / count
+    # one window in each of `count` equal segments: the scored text samples the beginning, middle and end
+    assert all(i * segment <= start and start + window <= (i + 1) * segment for i, start in enumerate(starts))
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert max(gaps) - min(gaps) <= 1  # evenly spaced
+    assert pg19.window_starts(length, window, count) == starts  # deterministic
+
+
+def test_window_starts_when_the_book_is_short():
+    assert pg19.window_starts(350, 100, 8) == [pg19.window_starts(350, 100, 3)[i] for i in range(3)]
+    assert len(pg19.window_starts(350, 100, None)) == 3
+    assert pg19.window_starts(99, 100, 4) == []
+
+
+def test_load_cuts_windows_from_every_part_of_every_book(tmp_path):
+    books = tmp_path / "books"
+    _numbered_book(books, "long", 20_000)
+    _numbered_book(books, "short", 700)
+    _numbered_book(books, "tiny", 50)
+    cfg = {"source": "local", "path": str(books), "context_length": 96, "eval_length": 32, "max_windows_per_book": 10}
+    df = pg19.load(cfg, WordTokenizer())
+    assert df["sample_id"].is_unique
+    assert df.groupby("id").size().to_dict() == {"long": 10, "short": 5}  # 700 // 128 = 5 fit; tiny holds none
+    for row in df.itertuples():
+        assert row.input_ids == list(range(row.start, row.start + 128))  # the book's own tokens, in order
+        assert row.context_tokens == 96
+    long = df[df["id"] == "long"]
+    assert long["start"].min() < 2_000 and long["start"].max() + 128 > 18_000  # first and last tenth of the book
+    assert long["book_tokens"].iloc[0] == 20_000
+
+
+@pytest.mark.parametrize("key,value", [("eval_length", 0), ("context_length", -5), ("max_windows_per_book", 0), ("eval_length", "x")])
+def test_bad_window_settings_are_refused(tmp_path, key, value):
+    _numbered_book(tmp_path, "book", 1_000)
+    with pytest.raises(KVBenchError, match=f"dataset.{key} must be a positive integer"):
+        pg19.load({"source": "local", "path": str(tmp_path), key: value}, WordTokenizer())
+    with pytest.raises(KVBenchError, match="no book is longer than"):
+        pg19.load({"source": "local", "path": str(tmp_path), "context_length": 2_000}, WordTokenizer())
+
+
+def test_the_length_under_test_is_the_whole_window():
+    from kvbench.runner import lengths_under_test
+
+    assert lengths_under_test(pg19, {"context_length": 1024, "eval_length": 128}) == [("dataset.context_length + dataset.eval_length", 1152)]
+
+
+@pytest.mark.skipif(not (austen.austen_dir() / "emma.txt").exists(), reason="the Austen novels are not extracted (make data)")
+def test_default_run_scores_at_least_16k_tokens_spread_over_each_novel():
+    from omegaconf import OmegaConf
+
+    from kvbench.models import load_tokenizer
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "dataset" / "pg19.yaml")
+    df = pg19.load(cfg, load_tokenizer("smollm2-135m"))
+    assert len(df) * cfg.eval_length >= 16_384
+    for _, book in df.groupby("id"):
+        position = (book["start"] + cfg.context_length) / book["book_tokens"]  # where the scored tokens sit
+        assert position.min() < 0.1 and position.max() > 0.9
+
+
+@pytest.mark.parametrize("eval_length", [1, 5])
+def test_continuation_nll_equals_the_plain_forward(eval_length):
+    """eval_length=1 has no teacher-forced step (the prefill output predicts the only token); with no
+    press the summed NLL is exactly what one uncompressed forward over the whole window gives."""
+    import torch
+
+    from kvbench.generation import continuation_nll
+    from kvbench.presses import build_press
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    split = 40 - eval_length
+    nll, n, _ = continuation_nll(model, ids[:, :split], ids[:, split:], build_press("no_press"))
+    with torch.no_grad():
+        logits = model(ids).logits[0, split - 1 : -1].float()
+    expected = torch.nn.functional.cross_entropy(logits, ids[0, split:], reduction="sum")
+    assert n == eval_length
+    assert nll == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
 
 
 # ---- metric, by hand ---------------------------------------------------------------------------------

@@ -25,8 +25,11 @@ from kvbench.errors import KVBenchError
 DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
 DEFAULT_ANSWERS = ("sandwich", "Dolores Park", "sunny day")
-DEFAULT_DEPTHS = (0, 25, 50, 75, 100)
-DEFAULT_LENGTHS = (512, 1024, 2048)
+DEFAULT_DEPTHS = tuple(range(0, 101, 10))
+DEFAULT_LENGTHS = (1024, 2048, 4096, 6144, 8000)
+# The grid's lengths are the test: the runner refuses a haystack that, with the answer's tokens, is longer than
+# max_context_length, instead of cutting it (a cut could take the needle with it).
+LENGTH_KEYS = (("context_lengths", "max_new_tokens"),)
 HAYSTACKS = ("essays", "austen")
 QUESTION_TEMPLATE = "\n\nUsing only the document above, answer in one short sentence: {question}"
 _ESSAYS_FILE = Path("data") / "synthetic" / "json" / "PaulGrahamEssays.json"

@@ -2,9 +2,13 @@
 
 A perplexity benchmark needs long, coherent, unseen-by-the-press text; which books is secondary. The
 offline default is Jane Austen's six novels (see :mod:`kvbench.datasets.austen`); the PG-19 test books
-from the hub and any folder of .txt files are the alternatives. Rows are whole books (``id``, ``text``);
-the harness cuts token windows from them using the ``context_length``/``eval_length``/``stride``/
-``max_windows_per_book`` keys of the dataset config.
+from the hub and any folder of .txt files are the alternatives.
+
+Rows are token windows, cut here with the model's tokenizer (which only measures and cuts the text): each
+holds ``context_length`` tokens of context (prefilled and compressed) then ``eval_length`` scored tokens.
+A book is split into ``max_windows_per_book`` equal segments and one window sits in the middle of each,
+so the scored tokens sample the whole book (its opening chapters, its middle and its end) rather than its
+first pages; a book too short for that many non-overlapping windows gets as many as fit.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from kvbench.errors import KVBenchError
 
 SOURCES = ("austen", "hub", "local")
 DEFAULT_HUB_ID = "emozilla/pg19-test"
+# What the run tests is a window of this many tokens: the runner refuses one longer than max_context_length.
+LENGTH_KEYS = (("context_length", "eval_length"),)
 
 
 def _slug(title: str) -> str:
@@ -78,21 +84,62 @@ def _hub_books(hub_id: str, split: str, limit: int | None) -> list[tuple[str, st
     return books
 
 
-def load(cfg: Mapping[str, Any], tokenizer: Any = None) -> pd.DataFrame:
-    """Return one row per book; the tokenizer is unused because the harness slices windows itself."""
+def books(cfg: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per book (``id``, ``text``) from the configured source."""
     source = str(cfg.get("source", "austen") or "austen")
     limit = _limit(cfg)
     if source == "austen":
-        books = _austen_books()
+        found = _austen_books()
     elif source == "local":
-        books = _local_books(cfg.get("path", None))
+        found = _local_books(cfg.get("path", None))
     elif source == "hub":
-        books = _hub_books(str(cfg.get("hub_id", None) or DEFAULT_HUB_ID), str(cfg.get("split", None) or "test"), limit)
+        found = _hub_books(str(cfg.get("hub_id", None) or DEFAULT_HUB_ID), str(cfg.get("split", None) or "test"), limit)
     else:
         raise KVBenchError(f"unknown dataset.source '{source}'; use one of {', '.join(SOURCES)}")
     if limit is not None:
-        books = books[:limit]
-    books = [(book_id, text) for book_id, text in books if text.strip()]
-    if not books:
+        found = found[:limit]
+    found = [(book_id, text) for book_id, text in found if text.strip()]
+    if not found:
         raise KVBenchError(f"the {source} source yielded no non-empty books; check dataset.path / dataset.hub_id")
-    return pd.DataFrame({"id": [b[0] for b in books], "text": [b[1] for b in books]})
+    return pd.DataFrame({"id": [b[0] for b in found], "text": [b[1] for b in found]})
+
+
+def _positive(cfg: Mapping[str, Any], key: str, default: int | None) -> int | None:
+    value = cfg.get(key, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KVBenchError(f"dataset.{key} must be a positive integer{' or null' if default is None else ''}, got {value!r}")
+    return value
+
+
+def window_starts(num_tokens: int, window: int, count: int | None) -> list[int]:
+    """Starts of ``count`` non-overlapping windows spread evenly over ``num_tokens`` tokens.
+
+    The book is split into equal segments, one per window, and each window is centred in its segment:
+    deterministic, no overlap, and the first and last windows sit half a segment in from the ends.
+    ``count=None`` or a book too short for ``count`` windows gives as many as fit.
+    """
+    fit = num_tokens // window
+    n = fit if count is None else min(count, fit)
+    return [(2 * i * num_tokens + num_tokens - n * window) // (2 * n) for i in range(n)]
+
+
+def load(cfg: Mapping[str, Any], tokenizer: Any) -> pd.DataFrame:
+    """One row per window: ``sample_id``, book ``id``, ``window``, ``start``, ``book_tokens``,
+    ``input_ids`` (context then scored tokens) and ``context_tokens`` (how many of them are context)."""
+    if tokenizer is None:
+        raise KVBenchError("perplexity windows are cut in tokens of the model's tokenizer; pass one")
+    context_length = _positive(cfg, "context_length", 1024)
+    eval_length = _positive(cfg, "eval_length", 128)
+    per_book = _positive(cfg, "max_windows_per_book", None)
+    window = context_length + eval_length
+    rows = []
+    for book in books(cfg).itertuples():
+        ids = tokenizer(book.text, add_special_tokens=False, verbose=False)["input_ids"]
+        for number, start in enumerate(window_starts(len(ids), window, per_book)):
+            rows.append({"sample_id": f"{book.id}-{number:03d}", "id": book.id, "window": number, "start": start,
+                         "book_tokens": len(ids), "context_tokens": context_length, "input_ids": ids[start : start + window]})
+    if not rows:
+        raise KVBenchError(f"no book is longer than context_length + eval_length = {window} tokens; lower dataset.context_length")
+    return pd.DataFrame(rows)

@@ -21,11 +21,13 @@ from kvbench.leaderboard.html import write_html
 from kvbench.leaderboard.plots import PlotInfo, make_plots
 from kvbench.leaderboard.table import (
     NO_PRESS,
+    SMOKE_SAMPLES,
     SkippedRun,
     blocks,
     format_ratio,
     line_label,
     load_results,
+    mark_grid,
     score_grid,
     to_markdown,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "Leaderboard",
     "NO_PRESS",
     "PlotInfo",
+    "SMOKE_SAMPLES",
     "SkippedRun",
     "blocks",
     "build_leaderboard",
@@ -41,6 +44,7 @@ __all__ = [
     "line_label",
     "load_results",
     "make_plots",
+    "mark_grid",
     "score_grid",
     "to_markdown",
     "write_html",

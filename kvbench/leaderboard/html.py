@@ -17,12 +17,17 @@ import pandas as pd
 from kvbench.leaderboard.plots import PlotInfo, slug
 from kvbench.leaderboard.table import (
     NO_PRESS,
+    SMOKE_MARK,
+    TRUNCATED_MARK,
     SkippedRun,
+    all_smoke,
     best_labels,
     blocks,
     format_ratio,
     format_score,
     higher_is_better,
+    mark_grid,
+    mark_legend,
     score_grid,
 )
 
@@ -57,6 +62,10 @@ figcaption { font-size: 12px; color: #5a6270; margin-top: 4px; }
 .warning { background: #fff4e0; border: 1px solid #f0c36d; border-radius: 6px; padding: 8px 16px; }
 details summary { cursor: pointer; font-weight: bold; margin: 8px 0; }
 .scroll { overflow-x: auto; }
+td.smoke { color: #8a8f98; }
+sup.mark { color: #b5540b; font-weight: bold; margin-left: 2px; }
+span.badge { font-size: 12px; font-weight: bold; border-radius: 4px; padding: 1px 7px; margin-left: 8px;
+             background: #fff4e0; border: 1px solid #f0c36d; color: #7a4b00; vertical-align: middle; }
 """
 
 _RUN_COLUMNS = (
@@ -66,6 +75,9 @@ _RUN_COLUMNS = (
     ("ratio_label", "ratio"),
     ("score", "score"),
     ("num_samples", "samples"),
+    ("num_samples_per_task", "samples / task"),
+    ("smoke", "smoke run"),
+    ("truncated_samples", "truncated"),
     ("prefill_seconds", "prefill s"),
     ("compression_seconds", "compression s"),
     ("ttft_seconds", "TTFT s"),
@@ -99,6 +111,7 @@ def _anchor(dataset: str, model: str) -> str:
 
 def _grid_html(table: pd.DataFrame, dataset: str, model: str) -> str:
     grid = score_grid(table, dataset, model)
+    marks = mark_grid(table, dataset, model)
     winners = best_labels(grid, higher_is_better(table, dataset))
     head = "".join(f"<th>{_e(c)}</th>" for c in grid.columns)
     rows = []
@@ -106,8 +119,12 @@ def _grid_html(table: pd.DataFrame, dataset: str, model: str) -> str:
         cells = []
         for column in grid.columns:
             text = format_score(values[column])
+            mark = marks.at[label, column] if text else ""
             css = "num best" if text and label in winners.get(column, ()) else "num"
-            cells.append(f'<td class="{css}">{_e(text)}</td>')
+            css += " smoke" if SMOKE_MARK in mark else ""
+            tip = "; ".join(t for m, t in ((SMOKE_MARK, "smoke run"), (TRUNCATED_MARK, "prompts truncated")) if m in mark)
+            sup = f'<sup class="mark" title="{_e(tip)}">{_e(mark)}</sup>' if mark else ""
+            cells.append(f'<td class="{css}">{_e(text)}{sup}</td>')
         css = ' class="reference"' if str(label).startswith(NO_PRESS) else ""
         rows.append(f"<tr{css}><th scope=\"row\">{_e(label)}</th>{''.join(cells)}</tr>")
     return (
@@ -128,6 +145,10 @@ def _runs_html(table: pd.DataFrame) -> str:
                 text = "" if pd.isna(value) else f"{value / (1024 * 1024):.2f}"
             elif column == "score" or column.endswith("seconds") or column == "seconds_per_token":
                 text = "" if pd.isna(value) else (format_score(value) if column == "score" else f"{value:.4g}")
+            elif column == "smoke":
+                text = "smoke" if bool(value) else ""
+            elif column == "num_samples_per_task":
+                text = "" if pd.isna(value) else f"{value:g}"
             else:
                 text = "" if pd.isna(value) else str(value)
             if column == "run_name":
@@ -184,7 +205,8 @@ def render_html(
         higher = higher_is_better(table, dataset)
         ratios = sorted(table.loc[(table["dataset"] == dataset) & (table["model"] == model), "compression_ratio"])
         parts.append(f'<section class="block" id="{_anchor(dataset, model)}">')
-        parts.append(f"<h2>{_e(dataset)} / {_e(model)}</h2>")
+        badge = '<span class="badge">smoke runs</span>' if all_smoke(table, dataset, model) else ""
+        parts.append(f"<h2>{_e(dataset)} / {_e(model)}{badge}</h2>")
         parts.append(
             f'<p class="note">Score: {"higher" if higher else "lower"} is better. Columns are compression '
             f"ratios ({_e(', '.join(dict.fromkeys(format_ratio(r) for r in ratios)))}); "
@@ -192,6 +214,8 @@ def render_html(
             "highlighted.</p>"
         )
         parts.append(_grid_html(table, dataset, model))
+        for line in mark_legend(table, dataset, model):
+            parts.append(f'<p class="note warning">{_e(line)}</p>')
         figures = [p for p in plots if p.dataset == dataset and p.model == model]
         if figures:
             parts.append('<div class="figures">' + "".join(_figure_html(f) for f in figures) + "</div>")

@@ -22,6 +22,10 @@ from kvbench.results import RESULT_FILES, format_ratio  # the leaderboard reads 
 
 NO_PRESS = "no_press"
 QUERY_AWARE_VARIANT = "query_aware"
+# A task scored on fewer samples than this moves by more than 2 points per sample: a smoke run, not a result.
+SMOKE_SAMPLES = 50
+SMOKE_MARK = "§"
+TRUNCATED_MARK = "†"
 # Directories the tooling itself writes next to the runs; they are never runs.
 RESERVED_DIRS = frozenset({"leaderboard", "wandb", "multirun", "outputs"})
 
@@ -47,6 +51,10 @@ BASE_COLUMNS = (
     "score",
     "higher_is_better",
     "num_samples",
+    "num_samples_per_task",
+    "smoke",
+    "truncated_samples",
+    "max_truncated_tokens",
     "context_length",
     "budget",
     "seed",
@@ -84,6 +92,17 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
             _flatten(f"{prefix}/{key}" if prefix else str(key), sub, out)
     elif _is_number(value) or isinstance(value, bool):
         out[prefix] = float(value)
+
+
+def _samples_per_task(metrics: dict[str, Any]) -> float:
+    """What the run recorded; for runs written before it did, the average over its per-task breakdown."""
+    if _is_number(metrics.get("num_samples_per_task")):
+        return float(metrics["num_samples_per_task"])
+    total = metrics.get("num_samples")
+    if not _is_number(total):
+        return math.nan
+    tasks = metrics.get("per_task")
+    return float(total) / len(tasks) if isinstance(tasks, dict) and tasks else float(total)
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:
@@ -161,6 +180,9 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "score": float(score),
         "higher_is_better": higher,
         "num_samples": metrics.get("num_samples"),
+        "num_samples_per_task": _samples_per_task(metrics),
+        "truncated_samples": int(metrics["truncated_samples"]) if _is_number(metrics.get("truncated_samples")) else 0,
+        "max_truncated_tokens": int(metrics["max_truncated_tokens"]) if _is_number(metrics.get("max_truncated_tokens")) else 0,
         "context_length": section("dataset").get("context_length"),
         "budget": metrics.get("budget", config.get("budget")),
         "seed": config.get("seed"),
@@ -182,6 +204,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     ):
         if _is_number(metrics.get(source)):
             row[column] = float(metrics[source])
+    row["smoke"] = bool(row["num_samples_per_task"] < SMOKE_SAMPLES)  # NaN (nothing recorded) compares False
     for key, prefix in (("per_task", "task:"), ("per_bucket", "bucket:"), ("per_cell", "cell:")):
         breakdown: dict[str, float] = {}
         if isinstance(metrics.get(key), dict):
@@ -268,6 +291,51 @@ def score_grid(table: pd.DataFrame, dataset: str, model: str, value: str = "scor
     return grid
 
 
+def mark_grid(table: pd.DataFrame, dataset: str, model: str) -> pd.DataFrame:
+    """Same shape as :func:`score_grid`: per cell, ``SMOKE_MARK`` if a run behind it is a smoke run and
+    ``TRUNCATED_MARK`` if one had prompts cut to fit ``max_context_length`` (empty string otherwise).
+
+    When every run of the block is a smoke run the block's heading says so once and the cells stay clean.
+    """
+    block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    if block.empty:
+        return pd.DataFrame()
+    smoke = block["smoke"].astype(bool) if "smoke" in block else pd.Series(False, index=block.index)
+    if smoke.all():
+        smoke = smoke & False
+    cut = pd.to_numeric(block["truncated_samples"], errors="coerce").fillna(0) > 0 if "truncated_samples" in block else smoke & False
+    marks = block.assign(_mark=[SMOKE_MARK * s + TRUNCATED_MARK * t for s, t in zip(smoke, cut)])
+    grid = marks.pivot_table(index="label", columns="compression_ratio", values="_mark",
+                             aggfunc=lambda v: "".join(m for m in (SMOKE_MARK, TRUNCATED_MARK) if any(m in x for x in v)))
+    grid = grid.reindex(columns=sorted(grid.columns)).reindex(list(dict.fromkeys(block["label"]))).fillna("")
+    grid.columns = [format_ratio(c) for c in grid.columns]
+    grid.index.name = "press"
+    return grid
+
+
+def mark_legend(table: pd.DataFrame, dataset: str, model: str) -> list[str]:
+    """One sentence per mark used in a block, saying what it means there (with its numbers)."""
+    block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    lines = []
+    if "smoke" in block and block["smoke"].astype(bool).any():
+        smoke = block[block["smoke"].astype(bool)]
+        fewest = int(pd.to_numeric(smoke["num_samples_per_task"], errors="coerce").min())
+        scope = "smoke runs: every run here has" if len(smoke) == len(block) else f"{SMOKE_MARK} smoke run ({len(smoke)} of {len(block)} runs):"
+        lines.append(f"{scope} fewer than {SMOKE_SAMPLES} samples per task (as few as {fewest}); not leaderboard-grade.")
+    if "truncated_samples" in block:
+        cut = pd.to_numeric(block["truncated_samples"], errors="coerce").fillna(0)
+        if (cut > 0).any():
+            most = int(pd.to_numeric(block["max_truncated_tokens"], errors="coerce").fillna(0).max())
+            lines.append(f"{TRUNCATED_MARK} truncated: prompts cut in the middle to fit max_context_length "
+                         f"({int(cut.max())} samples in the worst run, up to {most} tokens cut from one).")
+    return lines
+
+
+def all_smoke(table: pd.DataFrame, dataset: str, model: str) -> bool:
+    block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    return bool(len(block)) and "smoke" in block and bool(block["smoke"].astype(bool).all())
+
+
 def blocks(table: pd.DataFrame) -> list[tuple[str, str]]:
     """The (dataset, model) pairs in table order; each gets its own grid and figures."""
     if table.empty:
@@ -313,8 +381,9 @@ def to_markdown(table: pd.DataFrame, skipped: list[SkippedRun] | None = None) ->
     for dataset, model in blocks(table):
         higher = higher_is_better(table, dataset)
         grid = score_grid(table, dataset, model)
+        marks = mark_grid(table, dataset, model)
         winners = best_labels(grid, higher)
-        lines.append(f"## {dataset} / {model}")
+        lines.append(f"## {dataset} / {model}" + (" (smoke runs)" if all_smoke(table, dataset, model) else ""))
         lines.append("")
         lines.append(f"Score: {'higher' if higher else 'lower'} is better.")
         lines.append("")
@@ -327,9 +396,15 @@ def to_markdown(table: pd.DataFrame, skipped: list[SkippedRun] | None = None) ->
                 text = format_score(values[column])
                 if text and label in winners.get(column, ()):
                     text = f"**{text}**"
+                if text and marks.at[label, column]:
+                    text += f" {marks.at[label, column]}"
                 cells.append(text)
             lines.append("| " + " | ".join([str(label).replace("|", "\\|"), *cells]) + " |")
         lines.append("")
+        legend = mark_legend(table, dataset, model)
+        if legend:
+            lines.extend(f"{line}  " for line in legend)
+            lines.append("")
     if skipped:
         lines.append("## Skipped run directories")
         lines.append("")
