@@ -17,11 +17,12 @@ GROUP_HINTS = {
     "model": "or keep a preset and set model.name_or_path=<local dir or hub id> model.name=<short name>",
     "dataset": "",
     "press": "",
+    "logger": "",
 }
 
 
 def check_group_choices(argv: list[str]) -> None:
-    """Unknown model/dataset/press names: one line listing the valid ones (Hydra's own error is a page)."""
+    """Unknown model/dataset/press/logger names: one line listing the valid ones (Hydra's own error is a page)."""
     for arg in argv:
         group, sep, value = arg.partition("=")
         if not sep or group not in GROUP_HINTS:

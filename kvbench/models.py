@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kvbench import atomic
 from kvbench.errors import KVBenchError
 
 PACKAGED_MODELS = {
@@ -46,19 +45,17 @@ def packaged_gguf_path(name: str) -> Path:
     return path
 
 
-def packaged_model_dir(name: str) -> Path:
-    """Return the safetensors copy of a packaged model, converting the GGUF file on first use."""
-    target = cache_root() / "models" / name
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
-        return target
-    gguf = packaged_gguf_path(name)
+def _is_converted(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+
+
+def convert_gguf(gguf: Path, staging: Path) -> None:
+    """De-quantize a GGUF file into a plain safetensors model (+ config, generation config, tokenizer) in ``staging``."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -69,10 +66,19 @@ def packaged_model_dir(name: str) -> Path:
     model.config.save_pretrained(staging)
     model.generation_config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)  # atomic: a concurrent or interrupted conversion never leaves half a model
-    return target
+
+
+def packaged_model_dir(name: str) -> Path:
+    """Return the safetensors copy of a packaged model, converting the GGUF file on first use.
+
+    The conversion goes through ``kvbench.atomic.ensure_dir``: two first runs at once (a joblib sweep on a
+    fresh machine) convert once, the other waits for the lock; an interrupted one never leaves half a model.
+    """
+    target = cache_root() / "models" / name
+    if _is_converted(target):
+        return target
+    gguf = packaged_gguf_path(name)
+    return atomic.ensure_dir(target, lambda staging: convert_gguf(gguf, staging), _is_converted)
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,37 @@
-"""Result directories: naming, atomic completion, skip and resume.
+"""Result directories: naming, identity, atomic completion, skip and resume.
 
-``results/<dataset>__<model>__<press>__<ratio>[__<variant>]/`` holds ``predictions.csv``, ``metrics.json``
-and ``config.yaml``. A run is assembled in a hidden staging directory and renamed into place only when all
-three files are written, so a killed run never leaves a complete-looking directory. Finished samples are
-checkpointed in ``.partial/<name>/`` so an interrupted run resumes where it stopped. Hidden directories
-(leading dot) are never results.
+``results/<dataset>__<model>__<press>__<ratio>[__<variant>]/`` holds ``predictions.csv``, ``metrics.json``,
+``config.yaml`` and ``identity.json``. The name is for people; ``identity.json`` decides reuse: the resolved
+config without output/logging settings, kvbench's version and git commit, the torch and transformers versions,
+the model's dtype and the device type. A finished directory is reused only for an equal identity.
+
+A run is assembled in a hidden staging directory and moved into place (``kvbench.atomic``) only when every
+file is written, so a killed run never leaves a complete-looking directory. Finished samples are checkpointed
+in ``.partial/<name>/`` (with the identity they belong to) so an interrupted run resumes where it stopped.
+One process computes a configuration at a time (``.locks/<name>.lock``). Hidden entries are never results.
 """
 
 from __future__ import annotations
 
-import errno
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
-import tempfile
+import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from kvbench import atomic
+from kvbench.errors import KVBenchError
+
 RESULT_FILES = ("predictions.csv", "metrics.json", "config.yaml")
+IDENTITY_FILE = "identity.json"  # what decides reuse: see run_identity
 # Overrides that never change what a run computes (where it goes, how it is logged, what runs it).
 NEUTRAL_KEYS = ("output_dir", "overwrite", "device", "logger", "wandb", "hydra", "model.device")
 IDENTITY_GROUPS = ("model", "dataset", "press", "compression_ratio")
@@ -36,41 +46,72 @@ def format_ratio(ratio: float) -> str:
 
 
 def _clean(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text).strip("-")
+    return re.sub(r"[^A-Za-z0-9_.=+~-]+", "-", text).strip("-")
+
+
+def _known_top_level_keys() -> frozenset[str]:
+    """Top-level keys of ``conf/config.yaml`` (plus the config groups): a group's key of the same name keeps
+    its group in a variant, so ``seed=7`` and ``dataset.seed=7`` never share a name."""
+    path = Path(__file__).resolve().parent.parent / "conf" / "config.yaml"
+    keys = set(IDENTITY_GROUPS) | set(NEUTRAL_KEYS) | {"seed", "budget", "query_aware", "max_context_length"}
+    if path.is_file():
+        keys |= {k for k in (OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}) if k != "defaults"}
+    return frozenset(keys)
+
+
+TOP_LEVEL_KEYS = _known_top_level_keys()
+
+
+def _variant_part(override: str) -> tuple[str, str] | None:
+    """``(readable part, exact part)`` of one override, or None when it leaves the identity alone.
+
+    Readable: ``dataset.context_length=4096`` -> ``context_length=4096`` (the dataset's group is dropped when
+    the leaf is not also a top-level key); ``press.*`` and ``model.*`` keep their group (a press and a dataset
+    may share a parameter name); a key appended at top level that the config does not know keeps its ``+``.
+    Exact: the override as given, so two overrides that differ anywhere never share an exact part.
+    """
+    deleted = override.startswith("~")
+    key, _, value = override.lstrip("+~").partition("=")
+    if key in IDENTITY_GROUPS or key in NEUTRAL_KEYS or key.split(".")[0] in NEUTRAL_KEYS:
+        return None
+    exact = f"{'~' if deleted else ''}{key}={value}"
+    if key == "query_aware" and not deleted and value.lower() in ("true", "false"):
+        return ("query_aware", exact) if value.lower() == "true" else None
+    group, _, leaf = key.partition(".")
+    if group == "dataset" and leaf and "." not in leaf and leaf not in TOP_LEVEL_KEYS:
+        short = leaf
+    elif "." not in key and key not in TOP_LEVEL_KEYS:
+        short = f"+{key}"
+    else:
+        short = key
+    readable = f"~{short}" if deleted and not value else f"{'~' if deleted else ''}{short}={value}"
+    return readable, exact
 
 
 def variant_from_overrides(overrides: list[str]) -> str:
-    """Readable suffix from the command-line overrides that change results beyond the four name parts."""
-    parts = []
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key in IDENTITY_GROUPS or key.split(".")[0] in NEUTRAL_KEYS or key in NEUTRAL_KEYS:
-            continue
-        if key == "query_aware":
-            if str(value).lower() in ("true", "1", "yes"):
-                parts.append("query_aware")
-            continue
-        # press.window_size / dataset.context_length read better without their group (one level only)
-        group, _, leaf = key.partition(".")
-        short = leaf if group in ("press", "dataset") and "." not in leaf else key
-        parts.append(f"{short}={value}")
-    variant = _clean("__".join(sorted(parts)))
-    if len(variant) > MAX_VARIANT:
-        digest = hashlib.sha1(variant.encode()).hexdigest()[:10]
-        variant = f"{variant[: MAX_VARIANT - 12]}-{digest}"
+    """Readable suffix from the command-line overrides that change results beyond the four name parts.
+
+    Injective: two override lists that differ in a key, a group or a value give different suffixes. The
+    readable text is kept when it is exact (only ``[A-Za-z0-9_.=+-~]``, no ``__`` inside a part); where
+    cleaning lost something (``/``, spaces, brackets...) or the text passes 80 characters, a digest of the
+    exact overrides is appended.
+    """
+    parts = [p for p in map(_variant_part, overrides) if p is not None]
+    if not parts:
+        return ""
+    readable = sorted(r for r, _ in parts)
+    cleaned = [_clean(r) for r in readable]
+    lossy = any(c != r or "__" in r or r.startswith("_") or r.endswith("_") for c, r in zip(cleaned, readable))
+    variant = "__".join(cleaned)
+    if lossy or len(variant) > MAX_VARIANT:
+        digest = hashlib.sha1("\n".join(sorted(e for _, e in parts)).encode()).hexdigest()[:10]
+        variant = f"{variant[: MAX_VARIANT - 12].rstrip('-_')}-{digest}"
     return variant
 
 
 def run_name(dataset: str, model: str, press: str, ratio: float, variant: str = "") -> str:
     name = "__".join([dataset, model.replace("/", "-"), press, format_ratio(ratio)])
     return f"{name}__{variant}" if variant else name
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def serialise_predictions(df: pd.DataFrame) -> pd.DataFrame:
@@ -82,12 +123,93 @@ def serialise_predictions(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def identity_config(config: DictConfig) -> dict:
+    """The resolved config as it enters a run's identity: without where results go or how they are logged
+    (``output_dir``, ``overwrite``, ``logger``, ``wandb``, ``hydra``) and without ``device`` (the identity
+    records the device *type* instead)."""
+    data = OmegaConf.to_container(config, resolve=True)
+    for key in NEUTRAL_KEYS:
+        group, _, leaf = key.partition(".")
+        if leaf and isinstance(data.get(group), dict):
+            data[group].pop(leaf, None)
+        else:
+            data.pop(key, None)
+    return data
+
+
+@functools.lru_cache(maxsize=1)
+def kvbench_commit() -> str | None:
+    """The git commit of the kvbench checkout this code runs from, None outside a git checkout of kvbench."""
+    package = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != package.parent:
+        return None  # no git, or kvbench installed inside some other repository
+    return lines[1]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_identity(config: DictConfig, *, dtype: str, device_type: str) -> dict:
+    """Everything that can change a run's numbers; a finished result is reused only for an equal identity."""
+    return {
+        "config": identity_config(config),
+        "kvbench_version": _version("kvbench"),
+        "kvbench_commit": kvbench_commit(),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "dtype": dtype,
+        "device_type": device_type,
+    }
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: data}
+
+
+def identity_difference(recorded: dict, wanted: dict) -> list[str]:
+    """``["dtype: float32 -> bfloat16", ...]`` for every key whose value differs, sorted by key."""
+    old, new = _flat(recorded), _flat(wanted)
+    missing = object()
+
+    def show(value) -> str:
+        text = "(absent)" if value is missing else json.dumps(value, default=str)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{k}: {show(old.get(k, missing))} -> {show(new.get(k, missing))}"
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+
+
 class RunDirectory:
+    """One run's result directory, its resume checkpoint (``.partial/<name>/``) and its lock
+    (``.locks/<name>.lock``: one process computes a configuration, a second one waits and reuses it)."""
+
     def __init__(self, output_dir: str | Path, name: str):
         self.root = Path(output_dir)
         self.name = name
         self.path = self.root / name
         self.partial = self.root / ".partial" / name
+        self._lock = None
+
+    def lock(self):
+        """The per-run lock (one instance per directory, re-entrant within this process)."""
+        if self._lock is None:
+            self._lock = atomic.lock_for(self.path, self.root / ".locks" / f"{self.name}.lock")
+        return self._lock
 
     def is_complete(self) -> bool:
         if not all((self.path / f).is_file() for f in RESULT_FILES):
@@ -101,31 +223,61 @@ class RunDirectory:
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text())
 
+    def recorded_identity(self) -> dict | None:
+        try:
+            return json.loads((self.path / IDENTITY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def check_identity(self, identity: dict) -> None:
+        """Refuse to reuse a finished result computed under another identity, naming what differs."""
+        recorded = self.recorded_identity()
+        if recorded is None:
+            raise KVBenchError(f"{self.path} has no {IDENTITY_FILE} (written by an older kvbench), so it cannot be "
+                               f"checked against this run; overwrite=true reruns it")
+        diff = identity_difference(recorded, _plain(identity))
+        if diff:
+            shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise KVBenchError(f"{self.path} holds a result of another setup ({shown}); overwrite=true reruns it")
+
     # -- resume -------------------------------------------------------------------------------------
-    def load_checkpoint(self, config: DictConfig) -> pd.DataFrame | None:
-        """Rows finished by an interrupted run of the same configuration, else None."""
-        rows, saved = self.partial / "rows.jsonl", self.partial / "config.yaml"
-        if not rows.exists() or not saved.exists():
+    def load_checkpoint(self, identity: dict) -> pd.DataFrame | None:
+        """Rows finished by an interrupted run of the same identity, else None.
+
+        A checkpoint of another identity is moved aside (``rows.jsonl.stale-<time>``), never appended to.
+        Lines torn by a kill mid-write are dropped and the file rewritten without them, so later appends
+        start on a clean line; those samples are simply computed again.
+        """
+        rows, saved = self.partial / "rows.jsonl", self.partial / IDENTITY_FILE
+        if not rows.exists():
             return None
-        if OmegaConf.to_container(OmegaConf.load(saved), resolve=True) != _identity(config):
+        try:
+            recorded = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != _plain(identity):
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for path in (rows, saved):
+                if path.exists():
+                    os.replace(path, path.with_name(f"{path.name}.stale-{stamp}"))
+            print(f"[kvbench] {self.name}: the checkpoint in {self.partial} was written by another setup; "
+                  f"moved aside as rows.jsonl.stale-{stamp}, starting afresh")
             return None
-        records = []
-        for line in rows.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a line torn by a kill mid-write; that sample is simply computed again
+        lines = rows.read_text().splitlines()
+        records = [r for r in map(_record, lines) if r is not None]
+        if len(records) != len(lines) or not rows.read_text().endswith("\n"):
+            atomic.write_text(rows, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
         if not records:
             return None
-        # Two workers running the same configuration append to the same file: keep one row per sample.
+        # Keep one row per sample (a row is never written twice by one run, but be safe on resume).
         return pd.DataFrame(records).drop_duplicates("sample_id").reset_index(drop=True)
 
-    def checkpoint(self, config: DictConfig, records: list[dict]) -> None:
-        """Append finished rows (one JSON line each; a torn last line is ignored on resume)."""
+    def checkpoint(self, identity: dict, records: list[dict]) -> None:
+        """Append finished rows (one JSON line each; a torn last line is dropped on resume)."""
         self.partial.mkdir(parents=True, exist_ok=True)
-        saved = self.partial / "config.yaml"
+        saved = self.partial / IDENTITY_FILE
         if not saved.exists():
-            _atomic_write_text(saved, OmegaConf.to_yaml(OmegaConf.create(_identity(config))))
+            atomic.write_text(saved, json.dumps(_plain(identity), indent=2, default=_json_default) + "\n")
         with open(self.partial / "rows.jsonl", "a") as handle:
             for record in records:
                 handle.write(json.dumps(record, default=_json_default) + "\n")
@@ -134,44 +286,39 @@ class RunDirectory:
 
     # -- completion ---------------------------------------------------------------------------------
     def staging(self) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{self.name}-", dir=self.root))
-        staging.chmod(0o755)  # mkdtemp makes it private; results are meant to be shared
-        return staging
+        return atomic.staging_dir(self.path)
 
-    def finalize(self, staging: Path, predictions: pd.DataFrame, metrics: dict, config: DictConfig, overwrite: bool) -> Path:
-        """Write the three files into ``staging`` (artifacts may already be there) and rename it into place."""
+    def finalize(self, staging: Path, predictions: pd.DataFrame, metrics: dict, config: DictConfig, identity: dict,
+                 overwrite: bool) -> Path:
+        """Write the result files into ``staging`` (artifacts may already be there) and move it into place."""
         serialise_predictions(predictions).to_csv(staging / "predictions.csv", index=False)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
-        if self.path.exists():
-            if not overwrite and self.is_complete():
-                shutil.rmtree(staging)  # another worker finished the same configuration first
-                return self.path
-            trash = Path(tempfile.mkdtemp(prefix=f".trash-{self.name}-", dir=self.root))
+        (staging / IDENTITY_FILE).write_text(json.dumps(_plain(identity), indent=2, default=_json_default) + "\n")
+        with self.lock():
+            if not overwrite and self.is_complete() and self.recorded_identity() == _plain(identity):
+                shutil.rmtree(staging, ignore_errors=True)  # the same run finished elsewhere first: keep it
+            else:
+                atomic.replace_dir(staging, self.path)
+            shutil.rmtree(self.partial, ignore_errors=True)
             try:
-                os.replace(self.path, trash / self.name)
-            except FileNotFoundError:
-                pass  # another worker moved it away in the meantime
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(staging, self.path)
-        except OSError as exc:
-            # Another worker renamed its copy of this configuration into place after our check above: a
-            # directory cannot be renamed onto a non-empty one. Same configuration, same results: keep theirs.
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.is_complete():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-            return self.path
-        shutil.rmtree(self.partial, ignore_errors=True)
+                self.partial.parent.rmdir()  # .partial/ itself, once no run is in progress
+            except OSError:
+                pass
         return self.path
 
 
-def _identity(config: DictConfig) -> dict:
-    data = OmegaConf.to_container(config, resolve=True)
-    for key in NEUTRAL_KEYS:
-        data.pop(key, None)
-    return data
+def _plain(identity: dict) -> dict:
+    """The identity as it reads back from JSON (tuples become lists, numpy scalars numbers)."""
+    return json.loads(json.dumps(identity, default=_json_default))
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "sample_id" in record else None
 
 
 def _json_default(value):

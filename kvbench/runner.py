@@ -9,11 +9,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from filelock import Timeout
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -21,9 +23,10 @@ from kvbench import generation
 from kvbench.datasets import dataset_module, load_dataset
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
-from kvbench.models import ModelSpec, load_config, load_model, max_length
+from kvbench.models import ModelSpec, load_config, load_model, max_length, resolve_device, resolve_dtype
 from kvbench.presses import build_press
-from kvbench.results import RunDirectory, run_name
+from kvbench.results import RunDirectory, run_identity, run_name
+from kvbench.tracking import check_logger
 
 log = logging.getLogger("kvbench")
 _MODELS: dict[ModelSpec, tuple] = {}  # one load per process, shared by every job of a multirun
@@ -145,6 +148,7 @@ class RunContext:
     press: object
     directory: RunDirectory
     max_length: int | None = None  # resolved max_context_length: no sequence the model sees is longer
+    identity: dict | None = None  # what the checkpoint rows belong to (kvbench.results.run_identity)
 
 
 def _speed_row(run: generation.ContextRun) -> dict:
@@ -216,7 +220,7 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame, done: pd.DataFrame |
                 short_context=bool(short),
             )
             batch.append(record)
-        ctx.directory.checkpoint(cfg, batch)
+        ctx.directory.checkpoint(ctx.identity, batch)
         records.extend(batch)
         progress.update(len(batch))
     progress.close()
@@ -248,7 +252,7 @@ def perplexity_predictions(ctx: RunContext, windows: pd.DataFrame, done: pd.Data
         record.update(nll_sum=nll, num_tokens=n, perplexity=math.exp(nll / n))
         record.update(_speed_row(run))
         record["teacher_forced_seconds"] = run.extra["teacher_forced_seconds"]
-        ctx.directory.checkpoint(ctx.cfg, [record])
+        ctx.directory.checkpoint(ctx.identity, [record])
         records.append(record)
     out = pd.DataFrame(records)
     return pd.concat([done, out], ignore_index=True) if done is not None else out
@@ -285,26 +289,62 @@ def _baseline_metrics(cfg: DictConfig, variant: str) -> dict | None:
     return baseline.metrics() if baseline.is_complete() else None
 
 
+def expected_identity(cfg: DictConfig) -> dict:
+    """The run's identity, known before the model loads: ``device: auto`` and ``model.dtype: auto`` are resolved
+    the way ``kvbench.models`` loads the model (cuda when available; float32 on CPU, bfloat16 on GPU)."""
+    device = resolve_device(str(cfg.device))
+    dtype = resolve_dtype(str(cfg.model.get("dtype", "auto")), device)
+    identity_cfg = cfg.copy()
+    if cfg.press.name == "no_press":
+        identity_cfg.compression_ratio = 0.0  # every ratio of a sweep shares the one uncompressed run
+    return run_identity(identity_cfg, dtype=str(dtype).removeprefix("torch."), device_type=device.type)
+
+
 def execute(cfg: DictConfig, variant: str = "") -> dict:
-    """Run one configuration (or skip it if already complete); return its metrics."""
+    """Run one configuration, or reuse its finished result when the recorded identity matches; return its metrics.
+
+    Everything that can be refused (names, values, lengths, the logger) is checked before anything is written.
+    Two processes given the same configuration at once: one computes under the run's lock, the other waits and
+    then reuses the result.
+    """
     validate(cfg)
+    logger = check_logger(cfg)
+    identity = expected_identity(cfg)
     ratio = 0.0 if cfg.press.name == "no_press" else float(cfg.compression_ratio)
     name = run_name(cfg.dataset.name, cfg.model.name, cfg.press.name, ratio, variant)
     directory = RunDirectory(cfg.output_dir, name)
-    if directory.is_complete() and not cfg.overwrite:
-        print(f"[kvbench] {name}: already complete in {directory.path} (overwrite=true to rerun)")
-        return directory.metrics()
+    lock = directory.lock()
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[kvbench] {name}: another process is computing this configuration; waiting for it")
+        lock.acquire()
+    try:
+        if directory.is_complete() and not cfg.overwrite:
+            directory.check_identity(identity)
+            print(f"[kvbench] {name}: already complete in {directory.path} (overwrite=true to rerun)")
+            return directory.metrics()
+        return _compute(cfg, variant, name, directory, identity, logger)
+    finally:
+        lock.release()
+
+
+def _compute(cfg: DictConfig, variant: str, name: str, directory: RunDirectory, identity: dict, logger: str) -> dict:
     start = time.perf_counter()
     model, tokenizer = get_model(cfg, cfg.device)
+    identity["dtype"] = str(model.dtype).removeprefix("torch.")  # the model's actual dtype is what counts
     torch.manual_seed(int(cfg.seed))
     press = build_press(cfg.press.name, **press_params(cfg))
-    ctx = RunContext(cfg, model, tokenizer, press, directory, length_limit(cfg, model))
+    ctx = RunContext(cfg, model, tokenizer, press, directory, length_limit(cfg, model), identity)
     data = load_dataset(cfg.dataset.name, cfg.dataset, tokenizer)
-    done = None if cfg.overwrite else directory.load_checkpoint(cfg)
+    done = None if cfg.overwrite else directory.load_checkpoint(identity)
     if done is not None:
         print(f"[kvbench] {name}: resuming after {len(done)} finished samples")
+    elif cfg.overwrite and directory.partial.exists():
+        shutil.rmtree(directory.partial, ignore_errors=True)  # a rerun starts afresh, never appends to old rows
     kind = cfg.dataset.get("kind", "generate")
     predictions = perplexity_predictions(ctx, data, done) if kind == "perplexity" else generate_predictions(ctx, data, done)
+    ratio = 0.0 if cfg.press.name == "no_press" else float(cfg.compression_ratio)
     scorer = metrics_module(cfg.dataset.name)
     metrics = {"score": None, **scorer.compute(predictions)}
     metrics.update(
@@ -331,8 +371,8 @@ def execute(cfg: DictConfig, variant: str = "") -> dict:
     staging = directory.staging()
     if hasattr(scorer, "write_artifacts"):
         scorer.write_artifacts(predictions, staging)
-    path = directory.finalize(staging, predictions, metrics, cfg, overwrite=bool(cfg.overwrite))
-    if cfg.get("logger", {}).get("name") == "wandb":
+    path = directory.finalize(staging, predictions, metrics, cfg, identity, overwrite=bool(cfg.overwrite))
+    if logger == "wandb":
         from kvbench.tracking import log_run
 
         log_run(cfg, metrics, predictions, path)

@@ -21,7 +21,9 @@ from kvbench.errors import KVBenchError
 
 log = logging.getLogger("kvbench.tracking")
 
-MODES = ("online", "offline", "disabled")
+LOGGERS = ("none", "wandb")  # one conf/logger/<name>.yaml each
+# auto: online when W&B finds an API key, else offline (``wandb sync`` uploads later); never a login prompt.
+MODES = ("auto", "online", "offline", "disabled")
 # Columns too large to be useful in a W&B table (the full prompt is already in predictions.csv).
 DROPPED_COLUMNS = ("context",)
 MAX_CELL_CHARS = 2000
@@ -115,6 +117,29 @@ def _settings(mode: str):
     return wandb.Settings(**wanted)
 
 
+def check_logger(cfg: Any) -> str:
+    """The configured logger's name, checked before a run starts (a bad one must not cost a whole benchmark).
+
+    Accepts the config group (``logger=wandb`` -> ``logger: {name: wandb}``) and a bare string (``logger: wandb``
+    in a hand-written config).
+    """
+    conf = _as_config(cfg)
+    logger = OmegaConf.select(conf, "logger", default=None)
+    name = logger if isinstance(logger, str) or logger is None else OmegaConf.select(conf, "logger.name", default=None)
+    name = "none" if name is None else str(name)
+    if name not in LOGGERS:
+        raise KVBenchError(f"unknown logger '{name}'; valid names: {', '.join(LOGGERS)}")
+    if name == "wandb":
+        mode = str(OmegaConf.select(conf, "wandb.mode", default="auto") or "auto")
+        if mode not in MODES:
+            raise KVBenchError(f"wandb.mode must be one of {', '.join(MODES)}, got '{mode}'")
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise KVBenchError("logger=wandb needs the wandb package: pip install wandb (or use logger=none)") from exc
+    return name
+
+
 def start_run(
     *,
     project: str,
@@ -129,12 +154,16 @@ def start_run(
 ):
     """``wandb.init`` that degrades instead of failing; returns the run, or None when logging is impossible.
 
-    Online without credentials -> offline (with a warning); online init failure (no network, server
-    error) -> one retry offline; offline failure -> warning and None.
+    Auto -> online with credentials, else offline (silently); online without credentials -> offline (with a
+    warning); online init failure (no network, server error) -> one retry offline; offline failure -> warning
+    and None.
     """
     if mode not in MODES:
         raise KVBenchError(f"wandb.mode must be one of {', '.join(MODES)}, got '{mode}'")
     import wandb
+
+    if mode == "auto":
+        mode = "online" if has_credentials() else "offline"
 
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -210,7 +239,7 @@ def log_run(cfg: Any, metrics: dict, predictions: pd.DataFrame, run_dir: Path) -
     Never raises for W&B problems: the run's files on disk are the source of truth, W&B is a mirror.
     """
     conf = _as_config(cfg)
-    mode = str(OmegaConf.select(conf, "wandb.mode", default="online") or "online")
+    mode = str(OmegaConf.select(conf, "wandb.mode", default="auto") or "auto")
     if mode not in MODES:
         raise KVBenchError(f"wandb.mode must be one of {', '.join(MODES)}, got '{mode}'")
     if mode == "disabled":

@@ -12,8 +12,9 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from omegaconf import OmegaConf
 
-from kvbench.results import run_name
+from kvbench.results import run_identity, run_name
 
 DEFAULT_SPEED = {
     "prefill_seconds": 0.40,
@@ -67,14 +68,15 @@ def write_run(
     extra: dict[str, Any] | None = None,
     predictions: pd.DataFrame | None = None,
 ) -> Path:
-    """Write one complete run dir (config.yaml, metrics.json, predictions.csv) and return it."""
+    """Write one complete run dir (config.yaml, metrics.json, predictions.csv, identity.json) and return it."""
     name_variant = variant or ("query_aware" if query_aware else "")
     name = run_name(dataset, model, press, ratio, name_variant)
     run_dir = root / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(make_config(dataset, model, press, ratio, query_aware), sort_keys=False)
-    )
+    config = make_config(dataset, model, press, ratio, query_aware)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    identity = run_identity(OmegaConf.create(config), dtype="float32", device_type="cpu")
+    (run_dir / "identity.json").write_text(json.dumps(identity, indent=2))
     metrics: dict[str, Any] = {
         "score": score,
         "run_name": name,

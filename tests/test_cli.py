@@ -51,6 +51,8 @@ def complete_dirs(out: Path) -> list[Path]:
         (["model.name_or_path=/does/not/exist"], "model directory '/does/not/exist' does not exist"),
         (["model.name_or_path=kvbench-test-org/no-such-model"], "could not load 'kvbench-test-org/no-such-model' from the Hugging Face hub"),
         (["+press.window_size=8", "press=knorm"], "press 'knorm' has no parameter window_size"),
+        (["logger=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
+        (["logger.name=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, expected):
@@ -146,7 +148,7 @@ def test_multirun_logs_each_run_to_offline_wandb(tmp_path, books):
     env = {"WANDB_SILENT": "true", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_CONFIG_DIR": str(home / "config"),
            "WANDB_CACHE_DIR": str(home / "cache"), "WANDB_DATA_DIR": str(home / "data"), "NETRC": str(home / "none"),
            "WANDB_API_KEY": None, "WANDB_MODE": None, "WANDB_DIR": None}
-    args = pg19_args(books, out, "dataset.max_windows_per_book=2", "logger.name=wandb", "wandb.mode=offline",
+    args = pg19_args(books, out, "dataset.max_windows_per_book=2", "logger=wandb", "wandb.mode=offline",
                      "wandb.group=cli-test", f"wandb.dir={tmp_path / 'wb'}")
     result = kvbench("-m", "press=knorm,streaming_llm", "compression_ratio=0.5", *args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -158,3 +160,38 @@ def test_multirun_logs_each_run_to_offline_wandb(tmp_path, books):
         assert info["group"] == "cli-test"
         assert info["summary"]["score"] == pytest.approx(runs[press]["score"])
         assert info["summary"]["speed/prefill_seconds"] == pytest.approx(runs[press]["speed"]["prefill_seconds"])
+
+
+def test_two_processes_with_one_configuration_compute_it_once(tmp_path, books):
+    """Two sweeps over one output_dir: one computes under the run's lock, the other waits and reuses the result."""
+    out = tmp_path / "results"
+    args = pg19_args(books, out, "press=knorm", "dataset.max_windows_per_book=4")
+    procs = [subprocess.Popen([sys.executable, "-m", "kvbench", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    computed = [o for o in outputs if "score =" in o]
+    reused = [o for o in outputs if "already complete" in o]
+    assert len(computed) == 1 and len(reused) == 1, outputs
+    (run_dir,) = complete_dirs(out)
+    assert (run_dir / "identity.json").is_file()
+    assert not (out / ".partial").exists() or not any((out / ".partial").iterdir())  # no stale checkpoint
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".staging", f".{run_dir.name}"))]
+
+
+def test_a_result_of_another_setup_is_not_reused(tmp_path, books):
+    out = tmp_path / "results"
+    args = pg19_args(books, out, "press=knorm", "dataset.max_windows_per_book=2")
+    assert kvbench(*args).returncode == 0
+    (run_dir,) = complete_dirs(out)
+    identity = json.loads((run_dir / "identity.json").read_text())
+    assert identity["dtype"] == "float32" and identity["device_type"] == "cpu" and identity["config"]["press"]["name"] == "knorm"
+    identity["kvbench_version"] = "0.0.1"  # as if computed by another kvbench
+    (run_dir / "identity.json").write_text(json.dumps(identity))
+    again = kvbench(*args)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode == 2 and len(errors) == 1, again.stderr[-2000:]
+    assert 'kvbench_version: "0.0.1" -> ' in errors[0] and "overwrite=true" in errors[0]
+    rerun = kvbench(*args, "overwrite=true")
+    assert rerun.returncode == 0 and "score =" in rerun.stdout
+    assert json.loads((run_dir / "identity.json").read_text())["kvbench_version"] != "0.0.1"

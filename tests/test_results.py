@@ -1,14 +1,21 @@
-"""Result directory naming, atomic completion and resume."""
+"""Result directory naming, identity, atomic completion and resume."""
 
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kvbench.results import RunDirectory, format_ratio, run_name, variant_from_overrides
+from kvbench.errors import KVBenchError
+from kvbench.results import (RunDirectory, format_ratio, identity_config, identity_difference, run_identity, run_name,
+                             variant_from_overrides)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("ratio,text", [(0.5, "0.50"), (0.875, "0.875"), (0.0, "0.00"), (0.25, "0.25"), (0.1, "0.10"), (0.3333, "0.3333")])
@@ -33,12 +40,13 @@ def test_settings_that_change_results_change_the_name():
             ["query_aware=true"],
             ["dataset.context_length=4096"],
             ["press.window_size=32"],
+            ["dataset.window_size=32"],
             ["budget=128"],
             ["max_context_length=2048"],
             ["query_aware=true", "dataset.context_length=4096"],
         )
     }
-    assert len(variants) == 7
+    assert len(variants) == 8
     assert variant_from_overrides(base + ["query_aware=false"]) == ""
 
 
@@ -48,28 +56,163 @@ def test_long_variants_are_shortened_but_stay_distinct():
     assert len(a) <= 80 and a != b
 
 
+def test_a_key_keeps_its_group_where_it_could_be_mistaken():
+    names = {variant_from_overrides([o]) for o in ("seed=7", "dataset.seed=7", "+press.seed=7", "++model.seed=7", "+seed2=7", "dataset.seed2=7")}
+    assert len(names) == 6
+    # the common cases stay short and readable
+    assert variant_from_overrides(["dataset.context_length=4096", "dataset.num_samples=100"]) == "context_length=4096__num_samples=100"
+    assert variant_from_overrides(["seed=7"]) == "seed=7"
+    assert variant_from_overrides(["press.window_size=32"]) == "press.window_size=32"
+
+
+def test_values_that_clean_alike_stay_distinct():
+    a, b, c = (variant_from_overrides([f"dataset.path={v}"]) for v in ("/data/a b", "/data/a/b", "data-a-b"))
+    assert len({a, b, c}) == 3 and c == "path=data-a-b"
+    assert a.startswith("path=-data-a-b-") and b.startswith("path=-data-a-b-")  # readable, plus a digest
+    assert variant_from_overrides(["dataset.x=a_", "dataset.y=b"]) != variant_from_overrides(["dataset.x=a", "dataset._y=b"])
+
+
+# ---- property: different resolved configurations never share a directory ---------------------------------
+
+GROUPS = {"dataset": ["ruler", "needle", "pg19"], "press": ["snapkv", "knorm", "no_press"], "model": ["smollm2-135m", "pythia-160m"]}
+KEYS = {
+    "seed": ["7", "42", "8"],
+    "budget": ["null", "64", "128"],
+    "max_context_length": ["null", "2048", "4096"],
+    "query_aware": ["true", "false"],
+    "compression_ratio": ["0.25", "0.5", "0.75"],
+    "++dataset.seed": ["7", "42", "8"],
+    "++dataset.num_samples": ["1", "2", "3"],
+    "++dataset.context_length": ["512", "1024", "4096"],
+    "++dataset.tasks": ["[vt]", "[vt,qa_1]", "[qa_1,vt]", "null"],
+    "++dataset.path": ["/data/a b", "/data/a/b", "data-a-b"],
+    "++press.seed": ["7", "8"],
+    "++press.window_size": ["32", "64"],
+    "++press.kernel_size": ["5", "7"],
+    "++model.dtype": ["auto", "float32", "bfloat16"],
+    "++model.attn_implementation": ["sdpa", "eager"],
+    "++model.name_or_path": ["smollm2-135m", "/models/x"],
+}
+
+
+def _random_overrides(rng: random.Random) -> tuple[str, ...]:
+    chosen = [f"{g}={rng.choice(v)}" for g, v in GROUPS.items() if rng.random() < 0.4]
+    for key in rng.sample(sorted(KEYS), rng.randint(0, 4)):
+        chosen.append(f"{key}={rng.choice(KEYS[key])}")
+    return tuple(chosen)
+
+
+def test_different_resolved_configs_never_share_a_name():
+    """Random pairs of real overrides (top-level, dataset.*, press.*, model.*, group choices), composed by Hydra
+    from conf/: whenever the identity configs differ, the full run names differ."""
+    rng = random.Random(1234)
+    lists = {_random_overrides(rng) for _ in range(150)}
+    lists |= {("seed=7",), ("++dataset.seed=7",), ("++press.seed=7",), ("++dataset.window_size=32",), ("++press.window_size=32",)}
+    seen: dict[str, tuple] = {}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for overrides in sorted(lists):
+            cfg = compose("config", overrides=list(overrides))
+            ratio = 0.0 if cfg.press.name == "no_press" else float(cfg.compression_ratio)
+            if cfg.press.name == "no_press":
+                cfg.compression_ratio = 0.0  # as kvbench.runner.expected_identity: one uncompressed run per sweep
+            name = run_name(cfg.dataset.name, cfg.model.name, cfg.press.name, ratio, variant_from_overrides(list(overrides)))
+            ident = json.dumps(identity_config(cfg), sort_keys=True)
+            if name in seen:
+                other, other_ident = seen[name]
+                assert ident == other_ident, f"{overrides} and {other} resolve differently but share the name {name}"
+            seen[name] = (overrides, ident)
+    assert len(seen) > 100
+
+
+# ---- identity, checkpoints, completion -------------------------------------------------------------------
+
+
 def _cfg(**extra):
-    return OmegaConf.create({"press": {"name": "snapkv"}, "compression_ratio": 0.5, "output_dir": "x", **extra})
+    return OmegaConf.create({"press": {"name": "snapkv"}, "compression_ratio": 0.5, "output_dir": "x", "device": "auto",
+                             "logger": {"name": "none"}, **extra})
 
 
-def test_finalize_is_all_or_nothing_and_resume_needs_same_config(tmp_path):
+def _identity(dtype="float32", **extra):
+    return run_identity(_cfg(**extra), dtype=dtype, device_type="cpu")
+
+
+def _finish(directory, identity, score=1.0):
+    staging = directory.staging()
+    predictions = pd.DataFrame({"sample_id": ["a"], "context": ["long"], "answers": [["x", "y"]]})
+    return directory.finalize(staging, predictions, {"score": score}, _cfg(), identity, overwrite=False)
+
+
+def test_identity_leaves_out_where_and_how_results_are_kept():
+    base = _identity()
+    assert base == _identity(output_dir="elsewhere", overwrite=True, logger={"name": "wandb"}, device="cuda:1",
+                             wandb={"mode": "online"})
+    assert {"kvbench_version", "kvbench_commit", "torch", "transformers", "dtype", "device_type", "config"} <= set(base)
+    assert base["torch"] and base["transformers"] and base["kvbench_version"]
+    assert "output_dir" not in base["config"] and "device" not in base["config"]
+    assert base != _identity(dtype="bfloat16") and base != _identity(seed=7)
+    assert identity_difference(base, _identity(dtype="bfloat16", seed=7)) == ["config.seed: (absent) -> 7", 'dtype: "float32" -> "bfloat16"']
+
+
+def test_finished_result_is_reused_only_for_the_same_identity(tmp_path):
     directory = RunDirectory(tmp_path, "d__m__p__0.50")
-    cfg = _cfg()
-    directory.checkpoint(cfg, [{"sample_id": "a", "prediction": "1"}])
-    directory.checkpoint(cfg, [{"sample_id": "b", "prediction": "2"}])
+    _finish(directory, _identity())
+    assert directory.is_complete() and directory.recorded_identity() == json.loads(json.dumps(_identity()))
+    directory.check_identity(_identity())  # same identity: reusable
+    directory.check_identity(_identity(output_dir="elsewhere"))
+    with pytest.raises(KVBenchError) as error:
+        directory.check_identity(_identity(dtype="bfloat16", press={"name": "snapkv", "window_size": 8}))
+    message = str(error.value)
+    assert "\n" not in message and "overwrite=true" in message
+    assert "dtype" in message and "config.press.window_size" in message and "config.seed" not in message
+    (directory.path / "identity.json").unlink()  # a result from before identities were recorded
+    with pytest.raises(KVBenchError, match="no identity.json.*overwrite=true"):
+        directory.check_identity(_identity())
+
+
+def test_finalize_is_all_or_nothing_and_resume_needs_same_identity(tmp_path):
+    directory = RunDirectory(tmp_path, "d__m__p__0.50")
+    ident = _identity()
+    directory.checkpoint(ident, [{"sample_id": "a", "prediction": "1"}])
+    directory.checkpoint(ident, [{"sample_id": "b", "prediction": "2"}])
     assert not directory.path.exists() and not directory.is_complete()
-    assert list(directory.load_checkpoint(cfg)["sample_id"]) == ["a", "b"]
-    assert directory.load_checkpoint(_cfg(compression_ratio=0.75)) is None  # another configuration
-    # the output location is not part of the identity
-    assert directory.load_checkpoint(_cfg(output_dir="elsewhere")) is not None
+    assert list(directory.load_checkpoint(ident)["sample_id"]) == ["a", "b"]
+    assert list(directory.load_checkpoint(_identity(output_dir="elsewhere"))["sample_id"]) == ["a", "b"]
     staging = directory.staging()
     (staging / "extra.png").write_bytes(b"png")
-    directory.finalize(staging, pd.DataFrame({"sample_id": ["a"], "context": ["long"], "answers": [["x", "y"]]}), {"score": 1.0}, cfg, overwrite=False)
-    assert directory.is_complete() and (directory.path / "extra.png").exists()
+    directory.finalize(staging, pd.DataFrame({"sample_id": ["a"], "context": ["long"], "answers": [["x", "y"]]}), {"score": 1.0}, _cfg(), ident, overwrite=False)
+    assert directory.is_complete() and (directory.path / "extra.png").exists() and (directory.path / "identity.json").exists()
     saved = pd.read_csv(directory.path / "predictions.csv")
     assert "context" not in saved and json.loads(saved["answers"][0]) == ["x", "y"]
     assert not directory.partial.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".staging")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name not in (".locks",)] == []
+
+
+def test_a_checkpoint_of_another_identity_is_moved_aside_never_appended_to(tmp_path, capsys):
+    directory = RunDirectory(tmp_path, "d__m__p__0.50")
+    directory.checkpoint(_identity(), [{"sample_id": "a", "prediction": "old"}])
+    other = _identity(dtype="bfloat16")
+    assert directory.load_checkpoint(other) is None
+    assert "another setup" in capsys.readouterr().out
+    stale = sorted(p.name for p in directory.partial.iterdir())
+    assert any(n.startswith("rows.jsonl.stale-") for n in stale) and "rows.jsonl" not in stale
+    directory.checkpoint(other, [{"sample_id": "b", "prediction": "new"}])
+    rows = directory.load_checkpoint(other)
+    assert list(rows["sample_id"]) == ["b"] and list(rows["prediction"]) == ["new"]
+    # and the old identity's rows do not come back either
+    assert directory.load_checkpoint(_identity()) is None
+
+
+def test_torn_checkpoint_lines_are_dropped_and_later_rows_survive(tmp_path):
+    directory = RunDirectory(tmp_path, "d__m__p__0.50")
+    ident = _identity()
+    directory.checkpoint(ident, [{"sample_id": "a", "prediction": "1"}])
+    with open(directory.partial / "rows.jsonl", "a") as handle:
+        handle.write('{"sample_id": "b", "predic')  # killed mid-write: no newline
+    assert list(directory.load_checkpoint(ident)["sample_id"]) == ["a"]
+    directory.checkpoint(ident, [{"sample_id": "c", "prediction": "3"}])  # the resumed run appends
+    assert list(directory.load_checkpoint(ident)["sample_id"]) == ["a", "c"]
+    (directory.partial / "rows.jsonl").write_text('{"sample_id": "x"')
+    assert directory.load_checkpoint(ident) is None
 
 
 def test_a_corrupt_metrics_file_is_not_complete(tmp_path):
@@ -79,3 +222,20 @@ def test_a_corrupt_metrics_file_is_not_complete(tmp_path):
         (directory.path / name).write_text("x")
     (directory.path / "metrics.json").write_text("{not json")
     assert not directory.is_complete()
+
+
+def test_identity_is_known_before_the_model_loads(monkeypatch):
+    import torch
+
+    from kvbench import runner
+
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        auto = runner.expected_identity(compose("config"))
+        cpu_bf16 = runner.expected_identity(compose("config", overrides=["device=cpu", "model.dtype=bfloat16"]))
+        no_press = [runner.expected_identity(compose("config", overrides=["press=no_press", f"compression_ratio={r}"]))
+                    for r in (0.25, 0.75)]
+    gpu = torch.cuda.is_available()
+    assert (auto["device_type"], auto["dtype"]) == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
+    assert (cpu_bf16["device_type"], cpu_bf16["dtype"]) == ("cpu", "bfloat16")
+    assert no_press[0] == no_press[1]  # every ratio of a sweep shares the one uncompressed run

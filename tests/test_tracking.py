@@ -176,3 +176,65 @@ def test_cli_wandb_flag_without_key_still_writes_everything(tmp_path, capsys):
     assert len(runs) == 1
     assert read_offline_run(runs[0])["summary"]["num_runs"] == 2
     assert "wandb:" in capsys.readouterr().out
+
+
+# ---- the logger config group -------------------------------------------------------------------------------
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(tracking.__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_logger_is_a_config_group_and_both_spellings_work():
+    conf_dir = Path(tracking.__file__).resolve().parent.parent / "conf" / "logger"
+    assert sorted(p.stem for p in conf_dir.glob("*.yaml")) == sorted(tracking.LOGGERS)
+    assert tracking.check_logger(_compose()) == "none"
+    assert tracking.check_logger(_compose("logger=wandb")) == "wandb"
+    assert tracking.check_logger(_compose("logger.name=wandb")) == "wandb"
+    assert tracking.check_logger({"logger": "wandb"}) == "wandb"  # a hand-written config with a bare string
+    assert _compose("logger=wandb").wandb.mode == "auto"
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"logger": {"name": "tensorboard"}}, "unknown logger 'tensorboard'; valid names: none, wandb"),
+    ({"logger": "mlflow"}, "unknown logger 'mlflow'; valid names: none, wandb"),
+    ({"logger": {"name": "wandb"}, "wandb": {"mode": "sometimes"}}, "wandb.mode must be one of auto, online, offline, disabled"),
+])
+def test_a_bad_logger_is_one_line(cfg, message):
+    with pytest.raises(KVBenchError) as error:
+        tracking.check_logger(cfg)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_runner_checks_the_logger_before_loading_anything(tmp_path, monkeypatch):
+    from kvbench import runner
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model or the data was loaded before the logger was checked")
+
+    monkeypatch.setattr(runner, "load_model", must_not_run)
+    monkeypatch.setattr(runner, "load_dataset", must_not_run)
+    cfg = _compose("logger.name=tensorboard", f"output_dir={tmp_path / 'out'}", "dataset.context_length=512")
+    with pytest.raises(KVBenchError, match="unknown logger 'tensorboard'"):
+        runner.execute(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_mode_is_offline_without_a_key_and_online_with_one(finished_run, monkeypatch, caplog):
+    cfg, metrics, predictions, run_dir = finished_run
+    cfg["wandb"]["mode"] = "auto"
+    # wandb keeps a key seen by an earlier test in process-wide state: pin "no key" here
+    monkeypatch.setattr(tracking, "has_credentials", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="kvbench.tracking"):
+        tracking.log_run(cfg, metrics, predictions, run_dir)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # offline is the expected default
+    assert len(offline_runs(Path(cfg["output_dir"]) / "wandb")) == 1
+    import wandb
+
+    modes = []
+    monkeypatch.setattr(tracking, "has_credentials", lambda: True)
+    monkeypatch.setattr(wandb, "init", lambda mode, **kwargs: modes.append(mode))
+    assert tracking.start_run(project="p", mode="auto") is None and modes == ["online"]

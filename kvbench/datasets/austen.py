@@ -20,6 +20,7 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from kvbench import atomic
 from kvbench.errors import KVBenchError
 from kvbench.models import cache_root
 
@@ -160,43 +161,41 @@ def _download_deb(folder: Path) -> Path:
     return debs[-1]
 
 
-def _write_atomically(books: dict[str, str], target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".austen-", dir=target.parent))
-    try:
-        for book_id, text in books.items():
-            (staging / f"{book_id}.txt").write_text(text, encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not _is_complete(target):  # a concurrent fetch won the race only if it left a complete copy
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+def _given_deb() -> Path | None:
+    """``KVBENCH_AUSTEN_DEB`` as a path, checked to exist (None when unset)."""
+    given = os.environ.get(ENV_DEB)
+    if not given:
+        return None
+    deb = Path(given).expanduser()
+    if not deb.is_file():
+        raise KVBenchError(f"{ENV_DEB}={given} does not exist; {_FETCH_HINT}")
+    return deb
+
+
+def _fetch_books() -> dict[str, str]:
+    """The six novels from ``KVBENCH_AUSTEN_DEB`` if set, else from a freshly downloaded Debian package."""
+    deb = _given_deb()
+    if deb is not None:
+        return books_from_deb(deb)
+    with tempfile.TemporaryDirectory(prefix="kvbench-austen-") as tmp:
+        return books_from_deb(_download_deb(Path(tmp)))
+
+
+def _extract(staging: Path) -> None:
+    for book_id, text in _fetch_books().items():
+        (staging / f"{book_id}.txt").write_text(text, encoding="utf-8")
 
 
 def ensure_austen() -> Path:
     """Return the folder with the six novels as .txt, fetching and decoding the Debian package on first use.
 
-    ``KVBENCH_AUSTEN_DEB`` may point at an already downloaded .deb (offline machines, CI caches).
+    ``KVBENCH_AUSTEN_DEB`` may point at an already downloaded .deb (offline machines, CI caches). Written
+    through ``kvbench.atomic.ensure_dir``: concurrent first uses extract once, and never half a folder.
     """
     target = austen_dir()
-    if _is_complete(target):
-        return target
-    given = os.environ.get(ENV_DEB)
-    if given:
-        deb = Path(given).expanduser()
-        if not deb.is_file():
-            raise KVBenchError(f"{ENV_DEB}={given} does not exist; {_FETCH_HINT}")
-        books = books_from_deb(deb)
-    else:
-        with tempfile.TemporaryDirectory(prefix="kvbench-austen-") as tmp:
-            books = books_from_deb(_download_deb(Path(tmp)))
-    _write_atomically(books, target)
-    return target
+    if not _is_complete(target):
+        _given_deb()  # a wrong path is refused before anything is written
+    return atomic.ensure_dir(target, _extract, _is_complete)
 
 
 def load_books() -> dict[str, str]:
