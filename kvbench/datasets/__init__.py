@@ -2,7 +2,8 @@
 
 A dataset never sees the model. Generation benchmarks return the canonical columns
 ``context, question, answer_prefix, answers, max_new_tokens, task`` (+ extras); perplexity benchmarks
-return ``id, text``. The tokenizer is only used to measure or cut text in tokens.
+return one row per scored window: ``sample_id, input_ids, context_tokens`` (+ extras such as where the
+window lies in its book). The tokenizer is only used to measure or cut text in tokens.
 """
 
 from __future__ import annotations
