@@ -1,21 +1,26 @@
 import json
+import math
+import random
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from kvbench.datasets import ruler, ruler_data, ruler_tasks
 from kvbench.errors import KVBenchError
 from kvbench.metrics import ruler as ruler_metric
 
-LENGTHS = (512, 2048)
+LENGTHS = (1024, 2048)
 # A niah_multikey_3 haystack unit is a whole ~80-token uuid needle, so below ~1.7k tokens no whole number of
-# them lands within 5% of the target; it is checked at larger lengths (and for tightness at 512 separately).
+# them lands within 5% of the target; it is checked at larger lengths (and for tightness at 1024 separately).
 TASK_LENGTHS = {task: (2048, 4096) if task == "niah_multikey_3" else LENGTHS for task in ruler.TASKS}
 MAX_NEW_TOKENS = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}
 NIAH_TASKS = [t for t in ruler.TASKS if t.startswith("niah")]
+CONF = Path(__file__).resolve().parent.parent / "conf" / "dataset" / "ruler.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +30,16 @@ def tokenizer():
     return load_tokenizer("smollm2-135m")
 
 
+def count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def tokens(tokenizer, row) -> int:
-    return len(tokenizer(row.context + row.question + row.answer_prefix, add_special_tokens=False)["input_ids"])
+    return count(tokenizer, row.context + row.question + row.answer_prefix)
+
+
+def kind_of(task: str) -> str:
+    return "niah" if task.startswith("niah") else task.split("_")[0]
 
 
 @pytest.fixture(scope="module")
@@ -49,64 +62,90 @@ def test_task_list():
 
 
 def test_columns_ids_and_generation_lengths(generated):
-    df = generated[512]
+    df = generated[1024]
     assert list(df.columns) == ["context", "question", "answer_prefix", "answers", "max_new_tokens", "task", "sample_id", "context_length"]
     assert list(dict.fromkeys(df["task"])) == list(ruler.TASKS)
     assert df["sample_id"].tolist()[:3] == ["niah_single_1-0000", "niah_single_1-0001", "niah_single_2-0000"]
-    assert df["sample_id"].is_unique and (df["context_length"] == 512).all()
+    assert df["sample_id"].is_unique and (df["context_length"] == 1024).all()
     for row in df.itertuples():
-        kind = "niah" if row.task.startswith("niah") else row.task.split("_")[0]
-        assert row.max_new_tokens == MAX_NEW_TOKENS[kind]
+        assert row.max_new_tokens == MAX_NEW_TOKENS[kind_of(row.task)]
         assert isinstance(row.answers, list) and row.answers and all(isinstance(a, str) and a for a in row.answers)
 
 
 @pytest.mark.parametrize("task", ruler.TASKS)
-def test_prompt_length_within_five_percent(generated, tokenizer, task):
+def test_prompt_and_answer_room_fill_the_context_length(generated, tokenizer, task):
+    """RULER's accounting: prompt + tokens_to_generate <= max_seq_length, and the prompt takes the rest."""
     for length in TASK_LENGTHS[task]:
         for row in rows(generated, task, length):
-            assert 0.95 * length <= tokens(tokenizer, row) <= length, (task, length, tokens(tokenizer, row))
+            budget = length - MAX_NEW_TOKENS[kind_of(task)]
+            assert 0.95 * budget <= tokens(tokenizer, row) <= budget, (task, length, tokens(tokenizer, row))
+
+
+def test_every_task_fits_the_default_context_length(generated, tokenizer):
+    default = yaml.safe_load(CONF.read_text())["context_length"]
+    assert default == 1024 and set(generated[default]["task"]) == set(ruler.TASKS)
+    for row in generated[default].itertuples():
+        assert tokens(tokenizer, row) + row.max_new_tokens <= default, row.task
+
+
+def test_reserve_generation_is_the_default_and_can_be_turned_off(tokenizer):
+    assert yaml.safe_load(CONF.read_text())["reserve_generation"] is True and ruler.DEFAULTS["reserve_generation"] is True
+    df = ruler.load({"context_length": 1024, "num_samples": 1, "tasks": ["niah_single_2", "vt"], "reserve_generation": False}, tokenizer)
+    for row in df.itertuples():
+        assert 0.95 * 1024 <= tokens(tokenizer, row) <= 1024
+
+
+def test_conf_states_the_ruler_commit_the_generator_follows(tokenizer):
+    commit = yaml.safe_load(CONF.read_text())["ruler_commit"]
+    assert commit == ruler_tasks.RULER_COMMIT and re.fullmatch(r"[0-9a-f]{40}", commit)
+    with pytest.raises(KVBenchError, match="ruler_commit.*remove the override"):
+        ruler.load({"ruler_commit": "0" * 40, "tasks": ["qa_1"], "num_samples": 1}, tokenizer)
+
+
+def test_too_short_a_context_names_the_tokens_needed(tokenizer):
+    with pytest.raises(KVBenchError, match=r"vt needs at least \d+ tokens \(\d+ of prompt \+ 30 reserved.*context_length is 512"):
+        ruler.load({"context_length": 512, "num_samples": 1, "tasks": ["vt"]}, tokenizer)
 
 
 def test_fitted_haystacks_are_the_largest_that_fit(tokenizer, monkeypatch):
-    """At 512 tokens too, where a niah_multikey_3 prompt is short of the target by most of one uuid needle."""
+    """At 1024 tokens too, where a niah_multikey_3 prompt is short of the target by most of one uuid needle."""
     fitted, fit = [], ruler_tasks.fit
 
-    def spy(build, count, budget, task, limit=None):
-        n = fit(build, count, budget, task, limit)
-        fitted.append((task, build, budget, n))
+    def spy(build, target, task, limit=None):
+        n = fit(build, target, task, limit)
+        fitted.append((task, build, target.budget, n))
         return n
 
     monkeypatch.setattr(ruler_tasks, "fit", spy)
-    ruler.load({"context_length": 512, "num_samples": 1, "tasks": [t for t in ruler.TASKS if not t.startswith("qa")]}, tokenizer)
-    assert [task for task, *_ in fitted] == list(ruler.TASKS[:-2])
+    ruler.load({"context_length": 1024, "num_samples": 1, "tasks": [t for t in ruler.TASKS if not t.startswith("qa")]}, tokenizer)
+    names = list(ruler.TASKS[:-2])
+    assert [task for task, *_ in fitted] == names[:8] + ["vt example", "vt"] + names[9:]
     for task, build, budget, n in fitted:
-        count = lambda prompt: len(tokenizer(prompt.text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        assert count(build(n)) <= budget < count(build(n + 1)), task
-
-
-def test_reserve_generation_leaves_room_for_the_answer(tokenizer):
-    df = ruler.load({"context_length": 1024, "num_samples": 1, "tasks": ["niah_single_2", "vt"], "reserve_generation": True}, tokenizer)
-    for row in df.itertuples():
-        budget = 1024 - row.max_new_tokens
-        assert 0.95 * budget <= tokens(tokenizer, row) <= budget
+        assert count(tokenizer, build(n).text) <= budget < count(tokenizer, build(n + 1).text), task
 
 
 def test_same_seed_same_frame_other_seed_other_prompts(generated, tokenizer):
-    again = ruler.load({"context_length": 512, "num_samples": 2}, tokenizer)
-    pd.testing.assert_frame_equal(again, generated[512])
-    other = ruler.load({"context_length": 512, "num_samples": 2, "seed": 7}, tokenizer)
+    again = ruler.load({"context_length": 1024, "num_samples": 2}, tokenizer)
+    pd.testing.assert_frame_equal(again, generated[1024])
+    other = ruler.load({"context_length": 1024, "num_samples": 2, "seed": 7}, tokenizer)
     for task in ruler.TASKS:
-        assert other[other.task == task].context.tolist() != generated[512][generated[512].task == task].context.tolist(), task
+        assert other[other.task == task].context.tolist() != generated[1024][generated[1024].task == task].context.tolist(), task
 
 
 def test_samples_do_not_depend_on_how_many_are_drawn(generated, tokenizer):
-    one = ruler.load({"context_length": 512, "num_samples": 1, "tasks": ["vt", "qa_2"]}, tokenizer)
-    first = generated[512][generated[512].sample_id.isin(["vt-0000", "qa_2-0000"])].reset_index(drop=True)
+    one = ruler.load({"context_length": 1024, "num_samples": 1, "tasks": ["vt", "qa_2"]}, tokenizer)
+    first = generated[1024][generated[1024].sample_id.isin(["vt-0000", "qa_2-0000"])].reset_index(drop=True)
     pd.testing.assert_frame_equal(one, first)
 
 
-NEEDLE_RE = re.compile(r"One of the special magic (numbers|uuids) for (\S+) is: (\S+)\.")
+# keys are RULER's adjective-noun pairs from wonderwords' lists, some of them with a blank ("ad hoc-dump truck")
+NEEDLE_RE = re.compile(r"One of the special magic (numbers|uuids) for (.+?) is: (\S+)\.")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def niah_body(row) -> str:
+    """The haystack with its needles: between the instruction line and the question."""
+    return row.context.split("\n", 1)[1].removesuffix("\n")
 
 
 @pytest.mark.parametrize("task", NIAH_TASKS)
@@ -116,7 +155,7 @@ def test_niah_needles_answer_the_question(generated, task):
         for row in rows(generated, task, length):
             needles = NEEDLE_RE.findall(row.context)
             pairs = [(key, value) for _, key, value in needles]
-            queried = [key for key, _ in pairs if key in row.question]
+            queried = [key for key, _ in pairs if f" {key} mentioned" in row.answer_prefix or f"{key}," in row.question or f"and {key} " in row.question]
             assert sorted(v for k, v in pairs if k in queried) == sorted(row.answers)
             assert len(set(queried)) == spec["num_q"] and len(row.answers) == spec["num_q"] * spec["num_v"]
             assert all(row.context.count(answer) == 1 for answer in row.answers)
@@ -129,71 +168,205 @@ def test_niah_needles_answer_the_question(generated, task):
             else:
                 assert all(re.fullmatch(r"\d{7}", a) for a in row.answers)
             if spec["haystack"] == "needle":
-                assert len(needles) >= (3 if length == 512 else 20) and len({k for k, _ in pairs}) == len(pairs)
+                assert len(needles) >= 8 and len({k for k, _ in pairs}) == len(pairs)
             else:
                 assert len(needles) == max(spec["num_k"], spec["num_q"]) * spec["num_v"]
-            if spec["haystack"] == "repeat":
-                body = NEEDLE_RE.sub("", row.context.split("\n", 1)[1])
-                assert {s.strip() for s in re.findall(r"[^.]*\.", body)} == set(ruler_tasks.NOISE)
 
 
-def test_vt_chain_is_in_the_context_in_order(generated):
+def test_noise_haystack_is_rulers_whole_line_repeated(generated):
+    """niah_single_1: every haystack line is the whole five-sentence noise line; the needle is a line of its own."""
+    for length in LENGTHS:
+        for row in rows(generated, "niah_single_1", length):
+            lines = niah_body(row).split("\n")
+            needles = [line for line in lines if NEEDLE_RE.fullmatch(line)]
+            assert len(needles) == 1 and ruler_tasks.NOISE_LINE == (
+                "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+            )
+            assert set(lines) - set(needles) == {ruler_tasks.NOISE_LINE}
+            assert len(lines) - 1 >= length // 40  # ~24 tokens a line
+
+
+@pytest.mark.parametrize("task", ["niah_multikey_2", "niah_multikey_3"])
+def test_needle_haystack_is_one_needle_a_line(generated, task):
+    for length in TASK_LENGTHS[task]:
+        for row in rows(generated, task, length):
+            assert all(NEEDLE_RE.fullmatch(line) for line in niah_body(row).split("\n"))
+
+
+@pytest.mark.parametrize("task", ["niah_single_1", "niah_multikey_2"])
+def test_line_haystack_needle_positions_are_uniform_not_a_grid(tokenizer, task):
+    """RULER draws the needle's line uniformly among all lines: over 80 samples of a ~75-line haystack the
+    needle takes more than 40 distinct positions, which no 40-depth grid can, and spreads evenly."""
+    df = ruler.load({"context_length": 2048, "num_samples": 80, "tasks": [task]}, tokenizer)
+    positions, sizes = [], set()
+    for row in df.itertuples():
+        lines = niah_body(row).split("\n")
+        positions.append(next(i for i, line in enumerate(lines) if line.endswith(f" is: {row.answers[0]}.")))
+        sizes.add(len(lines))
+    n = min(sizes) - 1  # haystack lines (the needle goes in before one of them)
+    # noise lines all have the same length; distractor needles vary by a few tokens, and so does their number
+    assert (len(sizes) == 1 if task == "niah_single_1" else max(sizes) - min(sizes) <= 5) and n >= 60
+    assert len(set(positions)) > 40 and min(positions) <= 2 and max(positions) >= n - 3
+    ranks = np.sort(np.array(positions) / n)
+    ks = np.max(np.abs(ranks - np.arange(1, len(ranks) + 1) / len(ranks)))
+    assert ks < 0.2, ks
+
+
+def test_essay_depths_are_rulers_40_whole_percents():
+    assert list(ruler_tasks.ESSAY_DEPTHS) == np.round(np.linspace(0, 100, num=40, endpoint=True)).astype(int).tolist()
+
+
+@pytest.mark.parametrize("task", [t for t in NIAH_TASKS if ruler_tasks.SPECS[t]["haystack"] == "essay"])
+def test_essay_needles_sit_between_sentences_at_rulers_depths(generated, task):
+    """Needle i goes after int(sentences * depth / 100) whole sentences, depth one of the 40 grid values."""
+    split = ruler_tasks.SENTENCE_END.split
+
+    def sentences(text: str) -> int:
+        return len(split(text.strip())) if text.strip() else 0
+
+    for length in LENGTHS:
+        for row in rows(generated, task, length):
+            body = niah_body(row)
+            matches = list(NEEDLE_RE.finditer(body))
+            haystack = " ".join(NEEDLE_RE.sub(" ", body).split())
+            total = sentences(haystack)
+            assert total >= 20
+            used = []
+            for match in matches:
+                before = " ".join(NEEDLE_RE.sub(" ", body[: match.start()]).split())
+                assert not before or before[-1] in ".!?\"')]", before[-30:]
+                depths = [d for d in ruler_tasks.ESSAY_DEPTHS if int(total * d / 100) == sentences(before)]
+                assert depths, (sentences(before), total)
+                used.append(sentences(before))
+            assert used == sorted(used)
+
+
+def test_vt_one_assignment_a_line_after_a_500_token_example(generated, tokenizer):
+    intro = ruler_tasks.VT_INTRO
+    line_re = {k: re.compile(rf"VAR [A-Z]{{{k}}} = (\d{{5}}|VAR [A-Z]{{{k}}} )") for k in (3, 5)}
     for length in LENGTHS:
         for row in rows(generated, "vt", length):
-            value = re.search(r"value (\d{5})", row.question).group(1)
+            value = re.fullmatch(r"Question: Find all variables that are assigned the value (\d{5}) in the text above\.", row.question).group(1)
             names = row.answers
-            assert len(names) == 5 and f"5 variables are assgined the value {value}" in row.answer_prefix
-            steps = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-            positions = [row.context.index(step) for step in steps]
-            assert positions == sorted(positions)
-            # the solved example comes first and uses other variables
-            assert row.context.index("they are: ") < positions[0] and not set(names) & set(row.context[: row.context.index("they are: ")].split())
+            assert len(names) == 5 and all(re.fullmatch(r"[A-Z]{5}", n) for n in names)
+            assert row.answer_prefix == (
+                " Answer: According to the chain(s) of variable assignment in the text above, "
+                f"5 variables are assigned the value {value}, they are: "
+            )
+            example, main = row.context.split(intro)[1:]
+            # the main haystack: noise lines and one assignment per line, no period, the chain in order
+            lines = main.removesuffix("\n").split("\n")
+            statements = [line for line in lines if line != ruler_tasks.NOISE_LINE]
+            assert all(line_re[5].fullmatch(line) for line in statements) and not any(s.endswith(".") for s in statements)
+            assert statements == [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a} " for a, b in zip(names, names[1:])]
+            assert len(lines) - 5 >= 10
+            # the one-shot example: its own noise and 3-letter chain, solved, then a blank line
+            prompt, shown = example.split("they are: ")
+            assert row.context.startswith(intro) and shown.endswith("\n\n")
+            example_names = shown.split()
+            assert len(example_names) == 5 and all(re.fullmatch(r"[A-Z]{3}", n) for n in example_names)
+            example_lines = prompt.split("\nQuestion: ")[0].split("\n")
+            example_statements = [line for line in example_lines if line != ruler_tasks.NOISE_LINE]
+            assert all(line_re[3].fullmatch(line) for line in example_statements)
+            assert [re.match(r"VAR ([A-Z]{3})", s).group(1) for s in example_statements] == example_names
+            example_tokens = count(tokenizer, intro + prompt + "they are: ")
+            assert 470 <= example_tokens <= 500, example_tokens
 
 
-def word_counts(context: str) -> Counter:
-    listing = context.rsplit(ruler_tasks.CWE_INTRO, 1)[1]
-    return Counter(re.findall(r"\d+\. ([a-z]+)", listing))
+ENTRY_RE = re.compile(r"(\d+)\. (.+?)(?= \d+\. |$)")
+
+
+def entries(listing: str) -> list[str]:
+    found = ENTRY_RE.findall(listing)
+    assert [int(i) for i, _ in found] == list(range(1, len(found) + 1))
+    return [word for _, word in found]
 
 
 @pytest.mark.parametrize("length", [*LENGTHS, 4096])
-def test_cwe_answers_are_the_most_common_words(generated, length):
+def test_cwe_example_answer_is_a_numbered_list_and_frequencies_are_rulers(generated, length):
+    short = length < 4096
+    example_size, example_cw, example_ucw = (20, 3, 1) if short else (40, 10, 3)
+    freq_cw, freq_ucw = (6, 1) if short else (30, 3)
     for row in rows(generated, "cwe", length):
-        counts = word_counts(row.context)
-        assert len(row.answers) == 10 and set(row.answers) == {w for w, _ in counts.most_common(10)}
+        example, main = row.context.split(ruler_tasks.CWE_INTRO)[1:]
+        listing, solved = example.split("\n", 1)
+        shown = solved.removesuffix("\n").split(" are: ")[1]
+        example_counts = Counter(entries(listing))
+        assert len(example_counts) == example_size
+        assert entries(shown) == [w for w in entries(shown)] and len(entries(shown)) == 10
+        assert shown == " ".join(f"{i}. {w}" for i, w in enumerate(entries(shown), 1))
+        assert {example_counts[w] for w in entries(shown)} == {example_cw}
+        assert {c for w, c in example_counts.items() if w not in entries(shown)} == {example_ucw}
+        counts = Counter(entries(main.removesuffix("\n")))
+        assert len(row.answers) == 10 and {counts[a] for a in row.answers} == {freq_cw}
         rest = [c for w, c in counts.items() if w not in row.answers]
-        assert min(counts[a] for a in row.answers) > max(rest) and len(rest) >= 10
-        if length == 4096:  # RULER's own frequencies once they fit
-            assert {counts[a] for a in row.answers} == {30} and set(rest) == {3}
+        assert set(rest) == {freq_ucw} and len(rest) >= 10
 
 
-def test_fwe_answers_are_the_three_most_frequent_coded_words(generated):
+def test_fwe_filler_six_letter_words_and_rulers_zipf_counts(generated):
+    assert ruler_tasks.zeta(2.0) == pytest.approx(math.pi**2 / 6, abs=1e-12)
+    assert ruler_tasks.zeta(3.0) == pytest.approx(1.2020569031595942, abs=1e-12)
     for length in LENGTHS:
         for row in rows(generated, "fwe", length):
-            text = row.context[len(ruler_tasks.FWE_INTRO) :]
-            counts = Counter(text.split())
-            assert counts.most_common(1)[0][0] == "...."
-            del counts["...."]
+            words = row.context[len(ruler_tasks.FWE_INTRO) :].removesuffix("\n").split(" ")
+            counts = Counter(words)
             ranked = counts.most_common()
-            assert [w for w, _ in ranked[:3]] == row.answers and ranked[2][1] > ranked[3][1]
+            assert ranked[0][0] == "..."
+            assert all(re.fullmatch(r"[a-z]{6}", w) for w in counts if w != "...")
+            assert len(counts) <= (length - 50) // 50  # RULER's vocabulary: (max_seq_length - tokens_to_generate) // 50
+            assert [w for w, _ in ranked[1:4]] == row.answers
+            observed = [c for _, c in ranked]
+            # the counts are RULER's fixed int(n * k**-2 / zeta(2)) for one n, not a random draw
+            zeta2 = math.pi**2 / 6
+            matching = [
+                n for n in range(int(observed[0] * zeta2) - 2, int((observed[0] + 1) * zeta2) + 2)
+                if [c for c in (int(n * k**-2 / zeta2) for k in range(1, len(observed) + 2)) if c] == observed
+            ]
+            assert matching, observed[:6]
+
+
+def qa_documents(row) -> list[str]:
+    body = row.context.split("The following are given documents.\n\n", 1)[1].rsplit("\n\n" + ruler_tasks.QA_INSTRUCTION, 1)[0]
+    parts = re.split(r"(?:^|\n\n)Document (\d+):\n", body)
+    assert parts[0] == "" and [int(i) for i in parts[1::2]] == list(range(1, len(parts) // 2 + 1))
+    return parts[2::2]
+
+
+@pytest.fixture(scope="module")
+def corpus_index():
+    return {name: {d: i for i, d in enumerate(c.documents)} for name, c in (("qa_1", ruler_data.squad()), ("qa_2", ruler_data.hotpotqa()))}
 
 
 @pytest.mark.parametrize("task", ["qa_1", "qa_2"])
-def test_qa_gold_documents_and_answers_are_in_the_context(generated, task):
+def test_qa_distractors_come_from_the_gold_article_first(generated, corpus_index, task):
+    """RULER's qa.py: the gold paragraph's own article (SQuAD) / own paragraphs (HotpotQA) before random ones."""
     corpus = ruler_data.squad() if task == "qa_1" else ruler_data.hotpotqa()
     for length in LENGTHS:
         for row in rows(generated, task, length):
             question = row.question.removeprefix("Question: ")
             item = next(i for i in corpus.items if i.question == question)
-            documents = re.findall(r"Document (\d+):\n", row.context)
-            assert documents == [str(i) for i in range(1, len(documents) + 1)] and len(documents) > len(item.gold)
-            assert all(f":\n{corpus.documents[g]}\n\n" in row.context for g in item.gold)
-            assert row.answers == list(item.answers)
+            docs = [corpus_index[task][d] for d in qa_documents(row)]
+            assert len(set(docs)) == len(docs) and set(item.gold) <= set(docs) and len(docs) > len(item.gold)
+            near = set(docs) & set(item.near)
+            foreign = set(docs) - set(item.gold) - set(item.near)
+            assert near and (not foreign or set(item.near) <= set(docs)), (len(near), len(item.near), len(foreign))
+            if task == "qa_1":  # every SQuAD article is longer than these contexts: no random paragraph at all
+                assert not foreign
+            assert row.answers == list(item.answers) and row.answer_prefix == " Answer:"
             assert all(a in row.context for a in row.answers if a not in ("yes", "no"))
-            assert row.answer_prefix == " Answer:"
+
+
+def test_squad_near_documents_are_the_articles_other_paragraphs():
+    corpus = ruler_data.squad()
+    articles = json.loads((ruler_data.data_dir() / "squad.json").read_text())["data"]
+    first = articles[0]["paragraphs"]
+    item = next(i for i in corpus.items if i.question == first[1]["qas"][0]["question"])
+    assert [corpus.documents[d] for d in item.gold] == [first[1]["context"]]
+    assert sorted(corpus.documents[d] for d in item.near) == sorted(p["context"] for i, p in enumerate(first) if i != 1)
 
 
 def test_perfect_and_empty_predictions_score_100_and_0(generated):
-    df = generated[512].copy()
+    df = generated[1024].copy()
     df["prediction"] = [", ".join(a) for a in df["answers"]]
     assert ruler_metric.compute(df)["score"] == 100.0
     df["prediction"] = ""
@@ -209,7 +382,7 @@ def test_task_selection_and_unknown_names(tokenizer):
         ruler.load({"tasks": ["niah_singel_1"]}, tokenizer)
     with pytest.raises(KVBenchError, match="positive integer"):
         ruler.load({"num_samples": 0}, tokenizer)
-    with pytest.raises(KVBenchError, match="needs at least .* prompt tokens"):
+    with pytest.raises(KVBenchError, match="niah_single_1 needs at least .* tokens.*context_length is 64"):
         ruler.load({"context_length": 64, "tasks": ["niah_single_1"], "num_samples": 1}, tokenizer)
 
 
@@ -217,19 +390,28 @@ def test_fit_finds_the_largest_size_that_fits():
     def build(n):
         return ruler_tasks.Prompt("w " * (n + 5), "", "", [])
 
-    def count(text):
-        return len(text.split())
+    def target(budget, length=None):
+        return ruler_tasks.Target(length or budget, budget, lambda text: len(text.split()))
 
-    assert ruler_tasks.fit(build, count, 1000, "toy") == 995
-    assert ruler_tasks.fit(build, count, 1000, "toy", limit=300) == 300
-    with pytest.raises(KVBenchError, match="toy needs at least 5 prompt tokens"):
-        ruler_tasks.fit(build, count, 4, "toy")
+    assert ruler_tasks.fit(build, target(1000), "toy") == 995
+    assert ruler_tasks.fit(build, target(1000), "toy", limit=300) == 300
+    with pytest.raises(KVBenchError, match=r"toy needs at least 9 tokens \(5 of prompt \+ 4 reserved.*context_length is 8"):
+        ruler_tasks.fit(build, target(4, length=8), "toy")
 
 
-def test_insert_places_items_at_their_depth_in_order():
-    units = ["a", "b", "c", "d"]
-    assert ruler_tasks.insert(units, ["X", "Y"], [0, 100]) == ["X", "a", "b", "c", "d", "Y"]
-    assert ruler_tasks.insert(units, ["X", "Y", "Z"], [50, 50, 75]) == ["a", "b", "X", "Y", "c", "Z", "d"]
+def test_scatter_puts_each_item_before_its_own_line():
+    lines = [f"l{i}" for i in range(10)]
+    for seed in range(50):
+        out = ruler_tasks.scatter(lines, ["X", "Y", "Z"], random.Random(seed))
+        assert [x for x in out if x.startswith("l")] == lines and sorted(x for x in out if not x.startswith("l")) == ["X", "Y", "Z"]
+        assert all(out[i + 1].startswith("l") for i, x in enumerate(out) if not x.startswith("l"))  # never last, never two together
+
+
+def test_thread_keeps_the_chain_order():
+    lines = [f"l{i}" for i in range(10)]
+    for seed in range(50):
+        out = ruler_tasks.thread(lines, ["A", "B", "C"], random.Random(seed))
+        assert [x for x in out if not x.startswith("l")] == ["A", "B", "C"] and [x for x in out if x.startswith("l")] == lines
 
 
 def test_missing_data_package_names_the_install_command(monkeypatch):

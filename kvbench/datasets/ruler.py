@@ -1,9 +1,10 @@
 """RULER (Hsieh et al., 2024, arXiv:2404.06654): 13 synthetic long-context tasks.
 
-``source=generated`` (default) builds the tasks offline, deterministically from ``seed``, at any
-``context_length`` measured with the evaluated model's own tokenizer, so small models and CPU runs get prompts
-that really are as long as asked. ``source=hub`` reads kvpress' fixed 4k/8k/16k set (``simonjegou/ruler``) for
-comparisons with published numbers. Either way the instruction and haystack go into ``context`` and the query
+``source=generated`` (default) builds the tasks offline, deterministically from ``seed``, as NVIDIA/RULER's
+generators do (templates and settings of the commit in ``ruler_commit``), at any ``context_length`` measured with
+the evaluated model's own tokenizer, so small models and CPU runs get prompts that really are as long as asked.
+As in RULER, ``context_length`` holds the prompt and the answer's ``max_new_tokens`` (``reserve_generation``).
+``source=hub`` reads kvpress' fixed 4k/8k/16k set (``simonjegou/ruler``) for comparisons with published numbers. Either way the instruction and haystack go into ``context`` and the query
 into ``question``, so a press compresses the context alone.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, SPECS, generate
+from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, RULER_COMMIT, SPECS, Target, generate
 from kvbench.errors import KVBenchError
 
 TASKS: tuple[str, ...] = tuple(SPECS)
@@ -23,11 +24,14 @@ DEFAULTS = {
     "num_samples": 5,
     "tasks": None,
     "seed": 42,
-    "reserve_generation": False,
+    "reserve_generation": True,
+    "ruler_commit": RULER_COMMIT,
     "hub_id": "simonjegou/ruler",
     "hub_config": None,
 }
 HUB_CONFIGS = ("4096", "8192", "16384")
+# The length is the test: the runner refuses a context_length above max_context_length instead of cutting it.
+LENGTH_KEYS = ("context_length",)
 COLUMNS = ("context", "question", "answer_prefix", "answers", "max_new_tokens", "task", "sample_id", "context_length")
 
 
@@ -73,6 +77,12 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise KVBenchError(f"dataset.seed must be an integer, got {seed!r}")
     reserve = bool(_option(cfg, "reserve_generation"))
+    commit = str(_option(cfg, "ruler_commit"))
+    if commit != RULER_COMMIT:
+        raise KVBenchError(
+            f"dataset.ruler_commit records the RULER revision the generator follows ({RULER_COMMIT}); "
+            f"'{commit}' is not available: remove the override (or use dataset.source=hub)"
+        )
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -80,9 +90,9 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
     rows = []
     for task in tasks:
         max_new_tokens = MAX_NEW_TOKENS[task_kind(task)]
-        budget = length - max_new_tokens if reserve else length
+        target = Target(length, length - max_new_tokens if reserve else length, count)
         for index in range(num_samples):
-            prompt = generate(task, seed, index, budget, count)
+            prompt = generate(task, seed, index, target)
             rows.append({
                 "context": prompt.context,
                 "question": prompt.question,

@@ -51,7 +51,9 @@ class QAItem:
     question: str
     answers: tuple[str, ...]
     gold: tuple[int, ...]  # indices into the document pool that hold the answer
-    near: tuple[int, ...] = ()  # HotpotQA's own distractor paragraphs for this question (hardest negatives)
+    # Distractors RULER takes before any random paragraph: the other paragraphs of the gold paragraph's SQuAD
+    # article, or the question's own non-supporting HotpotQA paragraphs.
+    near: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,16 @@ class QACorpus:
 @functools.lru_cache(maxsize=1)
 def squad() -> QACorpus:
     """Answerable SQuAD v2 questions; each paragraph is one document, the question's paragraph is gold."""
-    documents: list[str] = []
+    documents: dict[str, int] = {}
     items: list[QAItem] = []
     for article in _read_json("squad.json")["data"]:
-        for paragraph in article["paragraphs"]:
-            documents.append(paragraph["context"])
+        paragraphs = [documents.setdefault(p["context"], len(documents)) for p in article["paragraphs"]]
+        for paragraph, position in zip(article["paragraphs"], paragraphs):
+            near = tuple(p for p in paragraphs if p != position)
             for qa in paragraph["qas"]:
                 answers = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))
-                if answers:  # SQuAD v2 also holds unanswerable questions, which RULER cannot score
-                    items.append(QAItem(qa["question"], answers, (len(documents) - 1,)))
+                if answers:  # SQuAD v2 also holds unanswerable questions, which RULER leaves out
+                    items.append(QAItem(qa["question"], answers, (position,), near))
     return QACorpus(tuple(documents), tuple(items))
 
 
@@ -91,17 +94,18 @@ def hotpotqa() -> QACorpus:
     return QACorpus(tuple(index), tuple(items))
 
 
-def _word_list(filename: str) -> list[str]:
-    text = importlib.resources.files("wonderwords.assets").joinpath(filename).read_text(encoding="utf-8")
-    return [word for word in (line.strip() for line in text.splitlines()) if word.isalpha() and word.islower()]
-
-
 @functools.lru_cache(maxsize=1)
 def word_lists() -> dict[str, tuple[str, ...]]:
-    """Lower-case alphabetic nouns, adjectives and verbs, profanity removed, sorted so seeding is stable."""
-    try:
-        banned = set(_word_list("profanitylist.txt"))
-        lists = {kind: _word_list(f"{kind}list.txt") for kind in ("noun", "adjective", "verb")}
-    except (ModuleNotFoundError, FileNotFoundError) as exc:
-        raise KVBenchError("RULER generation needs the word lists of `wonderwords`; `pip install wonderwords`") from exc
-    return {kind: tuple(sorted(set(words) - banned)) for kind, words in lists.items()}
+    """wonderwords' noun, adjective and verb lists exactly as RULER reads them (lines, right-stripped).
+
+    RULER keeps every entry, multi-word and hyphenated ones included ("contact lens"), and filters nothing;
+    sorted and deduplicated here so that seeding is stable.
+    """
+    lists = {}
+    for kind in ("noun", "adjective", "verb"):
+        try:
+            text = importlib.resources.files("wonderwords.assets").joinpath(f"{kind}list.txt").read_text(encoding="utf-8")
+        except (ModuleNotFoundError, FileNotFoundError) as exc:
+            raise KVBenchError("RULER generation needs the word lists of `wonderwords`; `pip install wonderwords`") from exc
+        lists[kind] = tuple(sorted({line.rstrip() for line in text.splitlines()} - {""}))
+    return lists

@@ -1,26 +1,40 @@
 """The 13 RULER tasks (Hsieh et al., 2024, arXiv:2404.06654), generated from a seeded ``random.Random``.
 
-Prompt wording, task settings and answer budgets follow RULER's templates and ``synthetic.yaml``. Each task
-builds its prompt from a haystack size ``n`` (words, noise sentences, distractor needles, list entries or coded
-words); :func:`fit` then picks the largest ``n`` whose whole prompt fits the token budget. Haystack units come
-from prefix-stable sources, so the token count grows (almost) monotonically with ``n``, which the search needs.
+Templates, haystacks, needle placement, task settings and answer budgets follow NVIDIA/RULER at commit
+:data:`RULER_COMMIT` (``scripts/data/synthetic/*.py``, ``constants.py`` and ``scripts/synthetic.yaml``).
+Each task builds its prompt from a haystack size ``n`` (essay words, noise lines, distractor needles, list
+entries or coded words); :func:`fit` then picks the largest ``n`` whose whole prompt fits the token budget.
+Everything that depends on ``n`` is either a prefix-stable stream or reseeded from ``n``, so the token count
+grows (almost) monotonically with ``n``, which the search needs, and the sample drawn at the fitted size has
+RULER's distribution.
+
+Deliberate differences from RULER's scripts, each for a reason:
+
+- RULER fits the haystack size once per task and backs off in coarse steps when a sample is too long; here
+  every sample gets the largest haystack that fits, so prompts are as long as asked.
+- RULER takes the first questions of the SQuAD/HotpotQA files in file order; here the question is drawn from
+  the seed, so ``dataset.seed`` varies every task and a sample never depends on how many are drawn.
+- RULER splits essays into sentences with nltk's punkt model, which needs a download; a regular expression
+  that splits after ``.``, ``!`` or ``?`` (and a closing quote or bracket) stands in for it offline.
+- RULER shuffles needles and list entries with a generator reseeded from its global seed, i.e. the same
+  permutation for every sample; here each sample shuffles with its own generator.
+- Keys and values of distractor needles never repeat the real ones, and vt chains get distinct values, so
+  every reference answer stays unique.
 """
 
 from __future__ import annotations
 
-import functools
 import random
 import re
 import string
 import uuid
-from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
-
-import numpy as np
 
 from kvbench.datasets import ruler_data
 from kvbench.errors import KVBenchError
 
+RULER_COMMIT = "c3f5e3b4f87f97e048793bb510a3a6b19a46bf3a"
 TokenCounter = Callable[[str], int]
 
 
@@ -35,13 +49,27 @@ class Prompt(NamedTuple):
         return self.context + self.question + self.answer_prefix
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a sample must fit: RULER's ``max_seq_length`` (``length``) and the prompt tokens allowed in it."""
+
+    length: int  # dataset.context_length
+    budget: int  # prompt tokens: length minus the room reserved for the answer (RULER's tokens_to_generate)
+    count: TokenCounter
+
+    @property
+    def reserved(self) -> int:
+        return self.length - self.budget
+
+
 def _niah(haystack: str, key: str, value: str, k: int = 1, v: int = 1, q: int = 1) -> dict:
     """Keeps the table below one line per task (k keys, v values per key, q keys queried)."""
     return dict(kind="niah", haystack=haystack, key=key, value=value, num_k=k, num_v=v, num_q=q)
 
 
+# scripts/synthetic.yaml
 SPECS: dict[str, dict] = {
-    "niah_single_1": _niah("repeat", "words", "numbers"),
+    "niah_single_1": _niah("noise", "words", "numbers"),
     "niah_single_2": _niah("essay", "words", "numbers"),
     "niah_single_3": _niah("essay", "words", "uuids"),
     "niah_multikey_1": _niah("essay", "words", "numbers", k=4),
@@ -55,11 +83,14 @@ SPECS: dict[str, dict] = {
     "qa_1": dict(kind="qa", dataset="squad"),
     "qa_2": dict(kind="qa", dataset="hotpotqa"),
 }
+# constants.py: tokens_to_generate per task family
 MAX_NEW_TOKENS = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}
 
-NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-DEPTHS = tuple(100 * i / 39 for i in range(40))  # RULER spreads needles over 40 evenly spaced depths
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# One haystack unit of RULER's noise haystack: the whole line, repeated and joined by newlines.
+NOISE_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+# Essay haystacks place needles at 40 evenly spaced whole-percent depths (np.round(np.linspace(0, 100, 40))).
+ESSAY_DEPTHS = tuple(int(100 * i / 39 + 0.5) for i in range(40))
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+")
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 NIAH_TEMPLATES = {  # RULER switches to the singular when exactly one value is asked for
     False: (
@@ -77,17 +108,22 @@ NIAH_TEMPLATES = {  # RULER switches to the singular when exactly one value is a
 }
 VT_INTRO = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
 VT_QUESTION = "Question: Find all variables that are assigned the value {value} in the text above."
-# "assgined" is RULER's own spelling; kept so prompts match the published benchmark token for token.
 VT_PREFIX = (
     " Answer: According to the chain(s) of variable assignment in the text above, "
-    "{count} variables are assgined the value {value}, they are: "
+    "{count} variables are assigned the value {value}, they are: "
 )
+VT_EXAMPLE_TOKENS = 500  # the one-shot example is generated to fit 500 tokens (its own noise, 3-letter names)
 CWE_INTRO = (
     "Below is a numbered list of words. In these words, some appear more often than others. "
     "Memorize the ones that appear most often.\n"
 )
 CWE_QUESTION = "Question: What are the {num} most common words in the above list?"
 CWE_PREFIX = " Answer: The top {num} words that appear most often in the list are:"
+# Below this context length RULER's cwe uses lighter frequencies: (example words, example common/uncommon
+# repeats), (common/uncommon repeats); from it on the example has 40 words at 10/3 and the list synthetic.yaml's.
+CWE_FULL_LENGTH = 4096
+CWE_SHORT = ((20, 3, 1), (6, 1))
+CWE_EXAMPLE_FULL = (40, 10, 3)
 FWE_INTRO = (
     "Read the following coded text and track the frequency of each coded word. "
     "Find the three most frequently appeared coded words. "
@@ -97,29 +133,33 @@ FWE_QUESTION = (
     "What are the three most frequently appeared words in the above coded text?"
 )
 FWE_PREFIX = " Answer: According to the coded text above, the three most frequently appeared words are:"
+FWE_NOISE = "..."  # RULER's top-ranked coded word, the filler the question asks to ignore
+FWE_WORD_LENGTH = 6
+FWE_TOKENS_PER_WORD = 50  # vocabulary size = (max_seq_length - tokens_to_generate) // 50
 QA_INSTRUCTION = "Answer the question based on the given documents. Only give me the answer and do not output any other words."
 
 
-def fit(build: Callable[[int], Prompt], count: TokenCounter, budget: int, task: str, limit: int | None = None) -> int:
-    """Largest haystack size whose whole prompt has at most ``budget`` tokens.
+def fit(build: Callable[[int], Prompt], target: Target, task: str, limit: int | None = None) -> int:
+    """Largest haystack size whose whole prompt has at most ``target.budget`` tokens.
 
     Prompt length is close to linear in the haystack size, so two secant steps land within a few units of
     the answer and a short exact bracket search finishes: about ten tokenizer calls per sample instead of a
     bisection over the whole range, and every answer is verified on the real prompt.
     """
-    sizes: dict[int, float] = {}
+    budget, sizes = target.budget, {}
 
     def size(n: int) -> float:
         if limit is not None and n > limit:
             return float("inf")
         if n not in sizes:
-            sizes[n] = count(build(n).text)
+            sizes[n] = target.count(build(n).text)
         return sizes[n]
 
     base = size(0)
     if base > budget:
         raise KVBenchError(
-            f"{task} needs at least {int(base)} prompt tokens, the budget is {budget}; raise dataset.context_length"
+            f"{task} needs at least {int(base) + target.reserved} tokens ({int(base)} of prompt + {target.reserved} "
+            f"reserved for the answer); dataset.context_length is {target.length}, raise it"
         )
     guess = 16 if limit is None else min(16, limit)
     for _ in range(2):
@@ -157,11 +197,21 @@ class Stream:
         return self.items[:n]
 
 
-def insert(units: list[str], items: list[str], depths: list[float]) -> list[str]:
-    """Place ``items[i]`` at ``depths[i]`` percent of ``units``; equal depths keep the items' order."""
-    out = list(units)
-    for depth, _, item in sorted(zip(depths, range(len(items)), items), reverse=True):
-        out.insert(round(depth / 100 * len(units)), item)
+def scatter(lines: list[str], items: list[str], rng: random.Random) -> list[str]:
+    """RULER's line haystacks: each item goes in before its own uniformly drawn line (never two together)."""
+    out = list(lines)
+    slots = max(len(lines), len(items))  # fewer lines than items only while fit() measures the bare prompt
+    for index, item in zip(sorted(rng.sample(range(slots), len(items)), reverse=True), items):
+        out.insert(index, item)
+    return out
+
+
+def thread(lines: list[str], chain: list[str], rng: random.Random) -> list[str]:
+    """RULER's vt: a chain's statements go in at uniformly drawn lines, in chain order."""
+    out = list(lines)
+    slots = max(len(out), len(chain))
+    for offset, index in enumerate(sorted(rng.sample(range(slots), len(chain)))):
+        out.insert(index + offset, chain[offset])
     return out
 
 
@@ -176,16 +226,24 @@ def distinct(draw: Callable[[], str], count: int, taken: set[str] | None = None)
     return out
 
 
-def noise(n: int) -> list[str]:
-    return [NOISE[i % len(NOISE)] for i in range(n)]
-
-
 def essay_sentences(n: int) -> list[str]:
     """The first ``n`` essay words (cycling past the end), split into sentences so needles land between them."""
     words = ruler_data.essay_words()
     laps, rest = divmod(n, len(words))
     text = " ".join(words * laps + words[:rest])
     return SENTENCE_END.split(text) if text else []
+
+
+def essay_with_needles(n: int, needles: list[str], depths: list[int]) -> str:
+    """RULER's essay haystack: needle ``i`` goes after ``int(sentences * depths[i] / 100)`` whole sentences."""
+    sentences = essay_sentences(n)
+    cuts = [0, *(int(len(sentences) * depth / 100) for depth in depths), len(sentences)]
+    parts: list[str] = []
+    for i in range(1, len(cuts)):
+        parts.append(" ".join(sentences[cuts[i - 1] : cuts[i]]))
+        if i - 1 < len(needles):
+            parts.append(needles[i - 1])
+    return " ".join(parts)
 
 
 def random_item(kind: str, rng: random.Random) -> str:
@@ -201,145 +259,152 @@ def join_keys(keys: list[str]) -> str:
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + ", and " + keys[-1]
 
 
-def niah(spec: dict, rng: random.Random, budget: int, count: TokenCounter, task: str) -> Prompt:
-    """Needles "One of the special magic ... for KEY is: VALUE." hidden at random depths of a haystack."""
+def niah(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+    """Needles "One of the special magic ... for KEY is: VALUE." hidden in an essay, noise or needle haystack."""
     kind, num_k = spec["value"], max(spec["num_k"], spec["num_q"])
     taken: set[str] = set()
     keys = distinct(lambda: random_item(spec["key"], rng), num_k, taken)
     values = [distinct(lambda: random_item(kind, rng), spec["num_v"], taken) for _ in keys]
     needles = [NEEDLE.format(kind=kind, key=key, value=value) for key, vals in zip(keys, values) for value in vals]
     rng.shuffle(needles)
-    depths = sorted(rng.sample(DEPTHS, len(needles)))
-    queried = keys[: spec["num_q"]]
-    answers = [value for vals in values[: spec["num_q"]] for value in vals]
+    queried = rng.sample(range(num_k), spec["num_q"])
+    answers = [value for i in queried for value in values[i]]
     one = spec["num_v"] * spec["num_q"] == 1
     noun = kind[:-1] if one else kind
-    intro, question, prefix = (part.format(kind=noun, query=join_keys(queried)) for part in NIAH_TEMPLATES[one])
-    stream_rng = random.Random(rng.getrandbits(64))
+    intro, question, prefix = (part.format(kind=noun, query=join_keys([keys[i] for i in queried])) for part in NIAH_TEMPLATES[one])
 
-    def distractor() -> str:  # keys and values never repeat a real needle's, so the answer stays unique
-        key, value = (distinct(lambda t=t: random_item(t, stream_rng), 1, taken)[0] for t in (spec["key"], kind))
-        return NEEDLE.format(kind=kind, key=key, value=value)
+    if spec["haystack"] == "essay":
+        depths = sorted(rng.sample(ESSAY_DEPTHS, len(needles)))
 
-    haystack = {"essay": (essay_sentences, " "), "repeat": (noise, " "), "needle": (Stream(distractor).take, "\n")}
-    units_of, separator = haystack[spec["haystack"]]
+        def body(n: int) -> str:
+            return essay_with_needles(n, needles, depths)
+    else:
+        stream_rng, placement = random.Random(rng.getrandbits(64)), rng.getrandbits(64)
+
+        def distractor() -> str:  # keys and values never repeat a real needle's, so the answer stays unique
+            key, value = (distinct(lambda t=t: random_item(t, stream_rng), 1, taken)[0] for t in (spec["key"], kind))
+            return NEEDLE.format(kind=kind, key=key, value=value)
+
+        units = Stream(distractor).take if spec["haystack"] == "needle" else (lambda n: [NOISE_LINE] * n)
+
+        def body(n: int) -> str:
+            return "\n".join(scatter(units(n), needles, random.Random(f"{placement}:{n}")))
 
     def build(n: int) -> Prompt:
-        body = separator.join(insert(units_of(n), needles, depths))
-        return Prompt(intro + body + "\n", question, prefix, answers)
+        return Prompt(intro + body(n) + "\n", question, prefix, answers)
 
-    return build(fit(build, count, budget, task))
-
-
-def vt_parts(rng: random.Random, names: list[str], chains: int, hops: int) -> tuple[list[str], list[float], str, list[str]]:
-    """Assignment chains ``VAR A = 12345``, ``VAR B = VAR A``, ... interleaved in order at random depths."""
-    values = distinct(lambda: str(rng.randint(10_000, 99_999)), chains)
-    groups = [names[c * (hops + 1) : (c + 1) * (hops + 1)] for c in range(chains)]
-    statements = [
-        [f"VAR {group[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(group, group[1:])]
-        for group, value in zip(groups, values)
-    ]
-    labels = [c for c in range(chains) for _ in range(hops + 1)]
-    rng.shuffle(labels)
-    pending = [iter(s) for s in statements]
-    ordered = [next(pending[c]) for c in labels]
-    depths = sorted(100 * rng.random() for _ in ordered)
-    return ordered, depths, values[0], groups[0]
+    return build(fit(build, target, task))
 
 
-def vt(spec: dict, rng: random.Random, budget: int, count: TokenCounter, task: str) -> Prompt:
+def vt_chain(names: list[str], value: str) -> list[str]:
+    """``VAR A = 12345`` then ``VAR B = VAR A `` ...: one line each, no period (RULER keeps a trailing blank)."""
+    return [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a} " for a, b in zip(names, names[1:])]
+
+
+def vt_builder(rng: random.Random, spec: dict, name_length: int, answer_text: str = "") -> Callable[[int], Prompt]:
+    """A vt prompt over ``n`` noise lines, ``answer_text`` (the one-shot example) in front of it."""
     chains, hops = spec["num_chains"], spec["num_hops"]
-    names = distinct(lambda: "".join(rng.choices(string.ascii_uppercase, k=5)), 2 * chains * (hops + 1))
-    # RULER shows one solved example first, so that even small models answer with bare variable names.
-    demo, demo_depths, demo_value, demo_answers = vt_parts(rng, names[: chains * (hops + 1)], chains, hops)
-    demo_text = (
-        VT_INTRO + " ".join(insert(noise(2 * len(NOISE)), demo, demo_depths)) + "\n"
-        + VT_QUESTION.format(value=demo_value)
-        + VT_PREFIX.format(count=len(demo_answers), value=demo_value) + " ".join(demo_answers) + "\n\n"
-    )
-    statements, depths, value, answers = vt_parts(rng, names[chains * (hops + 1) :], chains, hops)
-    question, prefix = VT_QUESTION.format(value=value), VT_PREFIX.format(count=len(answers), value=value)
+    names = distinct(lambda: "".join(rng.choices(string.ascii_uppercase, k=name_length)), chains * (hops + 1))
+    values = distinct(lambda: str(rng.randrange(10_000, 99_999)), chains)
+    groups = [names[c * (hops + 1) : (c + 1) * (hops + 1)] for c in range(chains)]
+    placement = rng.getrandbits(64)
+    question = VT_QUESTION.format(value=values[0])
+    prefix = VT_PREFIX.format(count=hops + 1, value=values[0])
 
     def build(n: int) -> Prompt:
-        return Prompt(demo_text + VT_INTRO + " ".join(insert(noise(n), statements, depths)) + "\n", question, prefix, answers)
+        lines, place = [NOISE_LINE] * n, random.Random(f"{placement}:{n}")
+        for group, value in zip(groups, values):
+            lines = thread(lines, vt_chain(group, value), place)
+        return Prompt(answer_text + VT_INTRO + "\n".join(lines) + "\n", question, prefix, groups[0])
 
-    return build(fit(build, count, budget, task))
+    return build
+
+
+def vt(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+    """Variable tracking after RULER's one-shot example: a solved vt prompt of its own, fitted to 500 tokens."""
+    example = vt_builder(rng, spec, name_length=3)
+    solved = example(fit(example, Target(VT_EXAMPLE_TOKENS, VT_EXAMPLE_TOKENS, target.count), f"{task} example"))
+    shown = solved.text + " " + " ".join(solved.answers) + "\n" + "\n"
+    build = vt_builder(rng, spec, name_length=5, answer_text=shown)
+    return build(fit(build, target, task))
 
 
 def numbered(words: list[str]) -> str:
     return " ".join(f"{i}. {word}" for i, word in enumerate(words, 1))
 
 
-def cwe(spec: dict, rng: random.Random, budget: int, count: TokenCounter, task: str) -> Prompt:
-    """A shuffled numbered word list where ``num_cw`` words repeat ``freq_cw`` times and the rest ``freq_ucw``."""
+def cwe(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+    """A shuffled numbered word list where ``num_cw`` words repeat more often than the rest, after one example."""
     num = spec["num_cw"]
     lists = ruler_data.word_lists()
     vocabulary = sorted(set(lists["noun"]) | set(lists["adjective"]) | set(lists["verb"]))
-    pool = rng.sample(vocabulary, len(vocabulary))
-    demo_common, demo_rare, common, rare = pool[:num], pool[num : 2 * num], pool[2 * num : 3 * num], pool[3 * num :]
-    demo_words = demo_common * 2 + demo_rare
-    rng.shuffle(demo_words)
+    if target.length < CWE_FULL_LENGTH:
+        (example_size, example_cw, example_ucw), (freq_cw, freq_ucw) = CWE_SHORT
+    else:
+        (example_size, example_cw, example_ucw), freq_cw, freq_ucw = CWE_EXAMPLE_FULL, spec["freq_cw"], spec["freq_ucw"]
     question, prefix = CWE_QUESTION.format(num=num), CWE_PREFIX.format(num=num)
-    demo_text = CWE_INTRO + numbered(demo_words) + "\n" + question + prefix + " " + ", ".join(demo_common) + "\n\n"
+    example = rng.sample(vocabulary, example_size)
+    example_words = example[:num] * example_cw + example[num:] * example_ucw
+    rng.shuffle(example_words)
+    shown = CWE_INTRO + numbered(example_words) + "\n" + question + prefix + " " + numbered(example[:num]) + "\n"
+    pool = rng.sample(vocabulary, len(vocabulary))  # RULER samples the list's words independently of the example's
+    common, rare = pool[:num], pool[num:]
     shuffle_seed = rng.getrandbits(64)
 
-    def builder(freq_cw: int, freq_ucw: int) -> Callable[[int], Prompt]:
-        def build(n: int) -> Prompt:
-            words = common * freq_cw + rare[:n] * freq_ucw
-            random.Random(shuffle_seed + n).shuffle(words)
-            return Prompt(demo_text + CWE_INTRO + numbered(words) + "\n", question, prefix, list(common))
-
-        return build
-
-    freq_cw, freq_ucw = spec["freq_cw"], spec["freq_ucw"]
-    configured = builder(freq_cw, freq_ucw)
-    if count(configured(num).text) > budget:
-        # RULER's frequencies (300 entries for the common words alone) do not fit short prompts; there, keep the
-        # common words at about half of the list, still strictly more frequent than the rest, instead of failing.
-        empty = count(builder(0, 0)(0).text)
-        per_entry = (count(configured(num).text) - empty) / (num * (freq_cw + freq_ucw))
-        entries = max(0.0, (budget - empty) / per_entry)
-        scaled = max(2, min(freq_cw, int(entries // (2 * num))))
-        freq_cw, freq_ucw = scaled, max(1, min(scaled - 1, freq_ucw * scaled // freq_cw))
-    build = builder(freq_cw, freq_ucw)
-    return build(fit(build, count, budget, task, limit=len(rare)))
-
-
-def fwe(spec: dict, rng: random.Random, budget: int, count: TokenCounter, task: str) -> Prompt:
-    """Coded words drawn from a Zipf(alpha) law; the top rank is the '....' filler the prompt says to ignore."""
-    vocabulary = ["...."] + distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 6))), 999)
-    weights = np.arange(1, len(vocabulary) + 1, dtype=float) ** -spec["alpha"]
-    generator = np.random.default_rng(rng.getrandbits(64))
-    chunks: list[np.ndarray] = []
-
-    def draws(n: int) -> np.ndarray:
-        while sum(len(c) for c in chunks) < n:
-            chunks.append(generator.choice(len(vocabulary), size=4096, p=weights / weights.sum()))
-        return np.concatenate(chunks)[:n] if chunks else np.zeros(0, dtype=int)
-
-    def ranking(n: int) -> list[tuple[int, int]]:
-        return Counter(int(i) for i in draws(n) if i != 0).most_common()
-
     def build(n: int) -> Prompt:
-        answers = [vocabulary[i] for i, _ in ranking(n)[:3]]
-        return Prompt(FWE_INTRO + " ".join(vocabulary[i] for i in draws(n)) + "\n", FWE_QUESTION, FWE_PREFIX, answers)
+        words = common * freq_cw + rare[:n] * freq_ucw
+        random.Random(f"{shuffle_seed}:{n}").shuffle(words)
+        return Prompt(shown + CWE_INTRO + numbered(words) + "\n", question, prefix, list(common))
 
-    def ambiguous(n: int) -> bool:
-        ranked = ranking(n)
-        return len(ranked) > 3 and ranked[2][1] == ranked[3][1]
-
-    n = fit(build, count, budget, task)
-    # A tie between the third and fourth coded word would make the reference ambiguous: drop words until none.
-    while n > 0 and ambiguous(n):
-        n -= 1
-    if len(ranking(n)) < 3:
-        raise KVBenchError(f"{task} cannot fit three distinct coded words in {budget} tokens; raise dataset.context_length")
+    n = fit(build, target, task, limit=len(rare))
+    if n == len(rare) and target.count(build(n).text) < 0.95 * target.budget:
+        raise KVBenchError(
+            f"{task} runs out of words at {target.count(build(n).text)} prompt tokens (RULER's extra english_words.json "
+            f"is not in the packaged data); lower dataset.context_length"
+        )
     return build(n)
 
 
-def qa(spec: dict, rng: random.Random, budget: int, count: TokenCounter, task: str) -> Prompt:
-    """Gold paragraph(s) among as many distractor documents as fit, packed to a tight length."""
+def zeta(s: float) -> float:
+    """Riemann zeta for s > 1 (Euler-Maclaurin after 64 terms: error far below 1e-12), as RULER's scipy call."""
+    n = 64
+    head = sum(k**-s for k in range(1, n))
+    return head + n ** (1 - s) / (s - 1) + n**-s / 2 + s * n ** (-s - 1) / 12 - s * (s + 1) * (s + 2) * n ** (-s - 3) / 720
+
+
+def fwe(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+    """Coded words with RULER's fixed Zipf counts ``int(n * k**-alpha / zeta(alpha))``; rank 1 is the '...' filler."""
+    alpha = float(spec["alpha"])
+    size = (target.length - MAX_NEW_TOKENS["fwe"]) // FWE_TOKENS_PER_WORD
+    if alpha <= 1 or size < 5:
+        raise KVBenchError(
+            f"{task} needs a vocabulary of at least 5 coded words ((context_length - {MAX_NEW_TOKENS['fwe']}) // "
+            f"{FWE_TOKENS_PER_WORD}) and alpha > 1; raise dataset.context_length"
+        )
+    vocabulary = distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=FWE_WORD_LENGTH)), size)
+    vocabulary[0] = FWE_NOISE
+    shares = [k**-alpha / zeta(alpha) for k in range(1, size + 1)]
+    shuffle_seed = rng.getrandbits(64)
+
+    def counts(n: int) -> list[int]:
+        return [int(n * share) for share in shares]
+
+    def build(n: int) -> Prompt:
+        words = [word for word, times in zip(vocabulary, counts(n)) for _ in range(times)]
+        random.Random(f"{shuffle_seed}:{n}").shuffle(words)
+        return Prompt(FWE_INTRO + " ".join(words) + "\n", FWE_QUESTION, FWE_PREFIX, vocabulary[1:4])
+
+    n = fit(build, target, task)
+    top = counts(n)[1:5]
+    if not all(a > b for a, b in zip(top, top[1:])) or top[2] < 1:
+        raise KVBenchError(f"{task} cannot rank three coded words apart in {target.budget} tokens; raise dataset.context_length")
+    return build(n)
+
+
+def qa(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+    """Gold paragraph(s), then distractors from the same article (RULER's order), then random ones, packed tight."""
     corpus = ruler_data.squad() if spec["dataset"] == "squad" else ruler_data.hotpotqa()
+    budget, count = target.budget, target.count
 
     def build(docs: list[int]) -> Prompt:
         body = "\n\n".join(f"Document {i}:\n{corpus.documents[d]}" for i, d in enumerate(docs, 1))
@@ -352,48 +417,60 @@ def qa(spec: dict, rng: random.Random, budget: int, count: TokenCounter, task: s
         if used <= 0.9 * budget:
             break
     else:
-        raise KVBenchError(f"{task} found no question whose gold documents fit in {budget} tokens; raise dataset.context_length")
+        raise KVBenchError(
+            f"{task} found no question whose gold documents fit in {budget} prompt tokens; raise dataset.context_length"
+        )
     # Separator and header are measured in place: "\n\n" alone is one token but two after a sentence.
-    header = functools.lru_cache(maxsize=None)(lambda k: count(f".\n\nDocument {k}:\n") - count("."))
+    headers: dict[int, int] = {}
     sizes: dict[int, int] = {}
+
+    def header(k: int) -> int:
+        if k not in headers:
+            headers[k] = count(f".\n\nDocument {k}:\n") - count(".")
+        return headers[k]
 
     def size(doc: int) -> int:
         if doc not in sizes:
             sizes[doc] = count(corpus.documents[doc])
         return sizes[doc]
 
-    chosen, added = set(item.gold), []
-    permutation = np.random.default_rng(rng.getrandbits(64)).permutation(len(corpus.documents)).tolist()
-    candidates = [*rng.sample(item.near, len(item.near)), *permutation]
-    # First-fit in random order. The first pass takes no document over half the free room, so that several
-    # mid-sized distractors give the final trade something to work with; the second fills what the cap left.
-    for cap in ((budget - used) // 2, budget):
-        misses = 0
+    chosen = set(item.gold)
+
+    def take(candidates: list[int], misses_allowed: int) -> list[int]:
+        """First fit in the given order; stops when the room is nearly full or too many documents failed."""
+        nonlocal used
+        added, misses = [], 0
         for doc in candidates:
-            if budget - used <= budget // 100 or misses >= 200:
+            if budget - used <= budget // 100 or misses >= misses_allowed:
                 break
-            if doc in chosen:
-                continue
             extra = size(doc) + header(len(chosen) + 1)
-            if size(doc) > cap or used + extra > budget:
-                misses += 1
+            if doc in chosen or used + extra > budget:
+                misses += doc not in chosen
                 continue
             chosen.add(doc)
             added.append(doc)
             used += extra
-    # The gap left is smaller than every rejected document: trading one chosen distractor for a slightly
-    # longer rejected one closes most of it.
-    trades = [(size(new) - size(old), slot, new) for slot, old in enumerate(added) for new in sizes if new not in chosen]
+        return added
+
+    fillers = take(rng.sample(item.near, len(item.near)), len(item.near))
+    article_only = not chosen >= set(item.near)
+    if not article_only:  # the whole article is in: random paragraphs fill the rest, as in RULER
+        fillers += take(rng.sample(range(len(corpus.documents)), min(len(corpus.documents), 4000)), 200)
+    # The gap left is smaller than every rejected document: trading one filler for a slightly longer rejected
+    # one of the same group (the article's own paragraphs, or random ones once the article is in) closes most of it.
+    pool = item.near if article_only else [d for d in sizes if d not in item.near]
+    group = [(slot, old) for slot, old in enumerate(fillers) if (old in item.near) == article_only]
+    trades = [(size(new) - size(old), slot, new) for slot, old in group for new in pool if new not in chosen]
     gain, slot, new = max([t for t in trades if 0 < t[0] <= budget - used], default=(0, -1, -1))
     if gain:
-        chosen.discard(added[slot])
+        chosen.discard(fillers[slot])
         chosen.add(new)
-        added[slot] = new
+        fillers[slot] = new
     order = sorted(chosen)
     rng.shuffle(order)
     prompt = build(order)
-    while count(prompt.text) > budget and added:  # a merge at a join the estimate missed: drop the last filler
-        chosen.discard(added.pop())
+    while count(prompt.text) > budget and fillers:  # a merge at a join the estimate missed: drop a filler
+        chosen.discard(fillers.pop())
         prompt = build([d for d in order if d in chosen])
     return prompt
 
@@ -401,8 +478,8 @@ def qa(spec: dict, rng: random.Random, budget: int, count: TokenCounter, task: s
 GENERATORS: dict[str, Callable[..., Prompt]] = {"niah": niah, "vt": vt, "cwe": cwe, "fwe": fwe, "qa": qa}
 
 
-def generate(task: str, seed: int, index: int, budget: int, count: TokenCounter) -> Prompt:
+def generate(task: str, seed: int, index: int, target: Target) -> Prompt:
     """One sample; its generator is seeded from (seed, task, index), so samples never depend on each other."""
     rng = random.Random(f"{seed}:{task}:{index}")
     spec = SPECS[task]
-    return GENERATORS[spec["kind"]](spec, rng, budget, count, task)
+    return GENERATORS[spec["kind"]](spec, rng, target, task)
