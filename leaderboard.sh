@@ -4,7 +4,8 @@
 #
 #   1. baseline     no_press                                         (hydra/sweeper=baseline)
 #   2. presses      every registry press but no_press x 0.25,0.5,0.75,0.875   (hydra/sweeper=presses)
-#   3. query_aware  snapkv, adakv_snapkv with query_aware=true x the same ratios (hydra/sweeper=query_aware)
+#   3. query_aware  snapkv, adakv_snapkv with query_aware=true x the same ratios (hydra/sweeper=query_aware);
+#                   skipped for perplexity datasets (PG-19), which have no question
 #   4. python -m kvbench.leaderboard <output_dir>
 #
 # The passes run one after the other because perplexity runs compare themselves with the finished baseline.
@@ -16,8 +17,8 @@ usage() {
 Usage: leaderboard.sh [options] [-- hydra overrides...]
 
 Run the standard kvbench sweep (no_press; every press at compression ratios 0.25, 0.5, 0.75, 0.875;
-snapkv and adakv_snapkv query-aware at the same ratios) as Hydra multiruns, then build the leaderboard
-in <output_dir>/leaderboard/.
+snapkv and adakv_snapkv query-aware at the same ratios, except on perplexity datasets) as Hydra
+multiruns, then build the leaderboard in <output_dir>/leaderboard/.
 
 Options (environment variable in brackets; an option wins over its variable):
   --model NAME        model preset of conf/model/ [MODEL] (default: smollm2-135m)
@@ -171,8 +172,16 @@ run baseline "${KVBENCH[@]}" hydra/sweeper=baseline "${COMMON[@]}" ${QUICK_ARGS[
 # finished, and report the failure in the exit status.
 run presses "${KVBENCH[@]}" hydra/sweeper=presses "${COMMON[@]}" ${RATIO_ARGS[@]+"${RATIO_ARGS[@]}"} \
     ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} ${FULL_ARGS[@]+"${FULL_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || FAILED+=(presses)
-run query_aware "${KVBENCH[@]}" hydra/sweeper=query_aware "${COMMON[@]}" ${RATIO_ARGS[@]+"${RATIO_ARGS[@]}"} \
-    ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} ${FULL_ARGS[@]+"${FULL_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || FAILED+=(query_aware)
+# A perplexity dataset has no question to prefill before compression: no query-aware pass (the dataset
+# module declares its KIND; an unknown dataset falls through to the baseline's own error above).
+KIND=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
+    'import sys; from kvbench.datasets import dataset_kind; print(dataset_kind(sys.argv[1]))' "$DATASET" 2>/dev/null) || KIND=generate
+if [[ "$KIND" == perplexity ]]; then
+    echo "==> query_aware: skipped, $DATASET is a perplexity dataset (no question to be aware of)" >&2
+else
+    run query_aware "${KVBENCH[@]}" hydra/sweeper=query_aware "${COMMON[@]}" ${RATIO_ARGS[@]+"${RATIO_ARGS[@]}"} \
+        ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} ${FULL_ARGS[@]+"${FULL_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || FAILED+=(query_aware)
+fi
 run leaderboard "$PYTHON" -m kvbench.leaderboard "$OUTPUT_DIR"
 
 if [[ "$DRY_RUN" != 1 ]]; then

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from kvbench import model_access
 from kvbench.compression import CompressionStats, compress
-from kvbench.compression import model_access
 from kvbench.compression.cache import kv_bytes, stored_lengths, truncate
+from kvbench.device import peak_memory_bytes, reset_peak_memory, synchronize
 from kvbench.errors import KVBenchError
 from kvbench.presses.base import Press
 
@@ -45,7 +46,7 @@ class ContextRun:
     prefill_seconds: float
     compression: CompressionStats
     kv_bytes_after: int
-    peak_memory_bytes: int
+    peak_memory_bytes: int | None  # None on CPU: no per-run peak exists there (kvbench.device)
     extra: dict = field(default_factory=dict)
 
 
@@ -142,11 +143,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _cache(model, cache) -> dict:
     return {model_access.cache_argument(model): cache}
 
@@ -161,11 +157,11 @@ def prefill(model, context_ids: torch.Tensor, press: Press) -> tuple[DynamicCach
     """Run the context through the decoder with compression; return cache, seconds, stats, last hidden state."""
     device = model.device
     cache = DynamicCache(config=model.config)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     with compress(model, press) as stats:
         out = base_model(model)(input_ids=context_ids.to(device), **_cache(model, cache), use_cache=True)
-    _sync(device)
+    synchronize(device)
     return cache, time.perf_counter() - start, stats, out.last_hidden_state[:, -1:]
 
 
@@ -173,12 +169,12 @@ def prefill(model, context_ids: torch.Tensor, press: Press) -> tuple[DynamicCach
 def greedy_decode(model, cache, question_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], float, float]:
     """Greedy decoding until an EOS id or ``max_new_tokens``; returns tokens, time to first token, s/token."""
     device = model.device
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     logits = model(input_ids=question_ids.to(device), **_cache(model, cache), use_cache=True, logits_to_keep=1).logits
     tokens: list[int] = []
     next_id = int(logits[0, -1].argmax())
-    _sync(device)
+    synchronize(device)
     ttft = time.perf_counter() - start
     decode_start = time.perf_counter()
     while True:
@@ -188,28 +184,15 @@ def greedy_decode(model, cache, question_ids: torch.Tensor, max_new_tokens: int,
         step = torch.tensor([[next_id]], device=device)
         logits = model(input_ids=step, **_cache(model, cache), use_cache=True).logits
         next_id = int(logits[0, -1].argmax())
-    _sync(device)
+    synchronize(device)
     per_token = (time.perf_counter() - decode_start) / max(len(tokens) - 1, 1)
     return tokens, ttft, per_token
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS on CPU
 
 
 def answer_questions(model, tokenizer, prompt: Prompt, press: Press, max_new_tokens: int | list[int]) -> ContextRun:
     """One compressed prefill, then each question decoded from the same cache state."""
     device = model.device
-    _reset_peak(device)
+    reset_peak_memory(device)
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt.question_ids)
     cache, prefill_seconds, stats, _ = prefill(model, prompt.context_ids, press)
     after = kv_bytes(cache)
@@ -227,7 +210,7 @@ def answer_questions(model, tokenizer, prompt: Prompt, press: Press, max_new_tok
         prefill_seconds=prefill_seconds,
         compression=stats,
         kv_bytes_after=after,
-        peak_memory_bytes=_peak(device),
+        peak_memory_bytes=peak_memory_bytes(device),
     )
 
 
@@ -239,18 +222,18 @@ def continuation_nll(model, context_ids: torch.Tensor, continuation_ids: torch.T
     compression does not change); the others are teacher-forced over the compressed cache.
     """
     device = model.device
-    _reset_peak(device)
+    reset_peak_memory(device)
     cache, prefill_seconds, stats, last_hidden = prefill(model, context_ids, press)
     after = kv_bytes(cache)
     continuation_ids = continuation_ids.to(device)
     first_logits = model.get_output_embeddings()(last_hidden)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     logits = first_logits
     if continuation_ids.shape[-1] > 1:  # a one-token continuation is scored by the prefill output alone
         rest_logits = model(input_ids=continuation_ids[:, :-1], **_cache(model, cache), use_cache=True).logits
         logits = torch.cat([first_logits, rest_logits], dim=1)
-    _sync(device)
+    synchronize(device)
     forced_seconds = time.perf_counter() - start
     logits = logits.float()
     nll = torch.nn.functional.cross_entropy(logits[0], continuation_ids[0], reduction="sum")
@@ -260,7 +243,7 @@ def continuation_nll(model, context_ids: torch.Tensor, continuation_ids: torch.T
         prefill_seconds=prefill_seconds,
         compression=stats,
         kv_bytes_after=after,
-        peak_memory_bytes=_peak(device),
+        peak_memory_bytes=peak_memory_bytes(device),
         extra={"teacher_forced_seconds": forced_seconds},
     )
     return float(nll), int(continuation_ids.shape[-1]), run

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ from typing import IO, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from kvbench.results import slug
 
 log = logging.getLogger(__name__)
 # (GPU id, open lock file) of this process: the open file is what holds the lock, so it must stay referenced.
@@ -72,7 +73,7 @@ def claim(pool: list[str], lock_dir: str | Path, wait_seconds: float) -> str:
     deadline = time.monotonic() + wait_seconds
     while True:
         for gpu in pool:
-            handle = open(folder / f"gpu-{re.sub(r'[^A-Za-z0-9_.-]', '-', gpu)}.lock", "a+")
+            handle = open(folder / f"gpu-{slug(gpu)}.lock", "a+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

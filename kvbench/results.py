@@ -36,6 +36,18 @@ IDENTITY_FILE = "identity.json"  # what decides reuse: see run_identity
 NEUTRAL_KEYS = ("output_dir", "overwrite", "device", "logger", "wandb", "hydra", "model.device")
 IDENTITY_GROUPS = ("model", "dataset", "press", "compression_ratio")
 MAX_VARIANT = 80
+# The speed/memory figures a run writes under ``metrics["speed"]`` (column -> how per-sample rows are reduced);
+# the leaderboard reads the same list. ``peak_memory_bytes`` is None where no per-run peak exists (CPU).
+SPEED_COLUMNS = {
+    "prefill_seconds": "mean",
+    "compression_seconds": "mean",
+    "ttft_seconds": "mean",
+    "seconds_per_token": "mean",
+    "kv_bytes_before": "mean",
+    "kv_bytes_after": "mean",
+    "kv_kept_fraction": "mean",
+    "peak_memory_bytes": "max",
+}
 
 
 def format_ratio(ratio: float) -> str:
@@ -45,8 +57,10 @@ def format_ratio(ratio: float) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
-def _clean(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+~-]+", "-", text).strip("-")
+def slug(text: str) -> str:
+    """File-name-safe form of any name (run variants, HF ids with '/', GPU ids with ':'): every run of other
+    characters becomes one '-'; '=', '+' and '~' stay so a variant still reads as its override."""
+    return re.sub(r"[^A-Za-z0-9_.=+~-]+", "-", str(text)).strip("-")
 
 
 def _known_top_level_keys() -> frozenset[str]:
@@ -100,7 +114,7 @@ def variant_from_overrides(overrides: list[str]) -> str:
     if not parts:
         return ""
     readable = sorted(r for r, _ in parts)
-    cleaned = [_clean(r) for r in readable]
+    cleaned = [slug(r) for r in readable]
     lossy = any(c != r or "__" in r or r.startswith("_") or r.endswith("_") for c, r in zip(cleaned, readable))
     variant = "__".join(cleaned)
     if lossy or len(variant) > MAX_VARIANT:

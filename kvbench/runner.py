@@ -1,7 +1,7 @@
 """One benchmark run: resolved config -> dataset -> prefill/compress/decode (or score) -> metrics -> results.
 
 Knows no press and no benchmark in particular: presses come from the registry, datasets and metrics from
-their registries, the dataset's ``kind`` picks question answering or perplexity.
+their registries, the dataset module's declared ``KIND`` picks question answering or perplexity.
 """
 
 from __future__ import annotations
@@ -20,26 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kvbench import generation
-from kvbench.datasets import dataset_module, load_dataset
+from kvbench.datasets import dataset_kind, dataset_module, higher_is_better, load_dataset
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
 from kvbench.models import ModelSpec, load_config, load_model, max_length, resolve_device, resolve_dtype
 from kvbench.presses import build_press
-from kvbench.results import RunDirectory, run_identity, run_name
+from kvbench.results import SPEED_COLUMNS, RunDirectory, run_identity, run_name
 from kvbench.tracking import check_logger
 
 log = logging.getLogger("kvbench")
 _MODELS: dict[ModelSpec, tuple] = {}  # one load per process, shared by every job of a multirun
-SPEED_COLUMNS = {
-    "prefill_seconds": "mean",
-    "compression_seconds": "mean",
-    "ttft_seconds": "mean",
-    "seconds_per_token": "mean",
-    "kv_bytes_before": "mean",
-    "kv_bytes_after": "mean",
-    "kv_kept_fraction": "mean",
-    "peak_memory_bytes": "max",
-}
 
 
 def get_model(cfg: DictConfig, device: str):
@@ -132,7 +122,9 @@ def check_lengths(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Fail before loading anything heavy (the registries raise for unknown names)."""
-    dataset_module(cfg.dataset.name)
+    if dataset_kind(cfg.dataset.name) == "perplexity" and cfg.get("query_aware"):
+        raise KVBenchError(f"query_aware=true does not apply to dataset '{cfg.dataset.name}': a perplexity dataset has no question "
+                           f"to prefill before compression; drop query_aware")
     ratio = cfg.compression_ratio
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise KVBenchError(f"compression_ratio must be a number in [0, 1), got {ratio}")
@@ -165,11 +157,6 @@ def _speed_row(run: generation.ContextRun) -> dict:
     }
 
 
-def _window_of(press) -> int | None:
-    inner = getattr(press, "press", press)
-    return getattr(inner, "window_size", None)
-
-
 def generate_predictions(ctx: RunContext, df: pd.DataFrame, done: pd.DataFrame | None) -> pd.DataFrame:
     """Answer every row; rows sharing a context share one compressed prefill (unless query-aware)."""
     cfg = ctx.cfg
@@ -179,7 +166,7 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame, done: pd.DataFrame |
         groups = [todo.iloc[[i]] for i in range(len(todo))]
     else:
         groups = [g for _, g in todo.groupby(["context", "answer_prefix"], sort=False)]
-    window, warned, warned_cut = _window_of(ctx.press), False, False
+    window, warned, warned_cut = ctx.press.window, False, False
     records = []
     progress = tqdm(total=len(df), initial=len(finished), desc=f"{ctx.directory.name}", unit="sample", leave=False)
     for group in groups:
@@ -278,7 +265,13 @@ def sample_counts(predictions: pd.DataFrame) -> dict:
 
 
 def summarize_speed(predictions: pd.DataFrame) -> dict:
-    return {col: float(getattr(predictions[col], how)()) for col, how in SPEED_COLUMNS.items() if col in predictions}
+    """One figure per ``SPEED_COLUMNS`` entry; None where nothing was measured (peak memory on CPU)."""
+    speed = {}
+    for col, how in SPEED_COLUMNS.items():
+        if col in predictions:
+            values = pd.to_numeric(predictions[col], errors="coerce").dropna()
+            speed[col] = float(getattr(values, how)()) if len(values) else None
+    return speed
 
 
 def _baseline_metrics(cfg: DictConfig, variant: str) -> dict | None:
@@ -342,7 +335,7 @@ def _compute(cfg: DictConfig, variant: str, name: str, directory: RunDirectory, 
         print(f"[kvbench] {name}: resuming after {len(done)} finished samples")
     elif cfg.overwrite and directory.partial.exists():
         shutil.rmtree(directory.partial, ignore_errors=True)  # a rerun starts afresh, never appends to old rows
-    kind = cfg.dataset.get("kind", "generate")
+    kind = dataset_kind(cfg.dataset.name)
     predictions = perplexity_predictions(ctx, data, done) if kind == "perplexity" else generate_predictions(ctx, data, done)
     ratio = 0.0 if cfg.press.name == "no_press" else float(cfg.compression_ratio)
     scorer = metrics_module(cfg.dataset.name)
@@ -356,7 +349,8 @@ def _compute(cfg: DictConfig, variant: str, name: str, directory: RunDirectory, 
         budget=cfg.get("budget"),
         query_aware=bool(cfg.query_aware),
         variant=variant,
-        higher_is_better=metrics.get("higher_is_better", True),
+        kind=kind,
+        higher_is_better=higher_is_better(cfg.dataset.name),
         max_context_length=ctx.max_length,
         **sample_counts(predictions),
         short_contexts=int(predictions["short_context"].sum()) if "short_context" in predictions else 0,
@@ -392,5 +386,6 @@ def print_summary(metrics: dict, path) -> None:
             print(table.to_string())
     speed = metrics.get("speed", {})
     if speed:
-        print("speed: " + ", ".join(f"{k}={v:.4g}" for k, v in speed.items()))
+        print("speed: " + ", ".join(f"{k}={v:.4g}" if v is not None else f"{k}=n/a" for k, v in speed.items()))
+    print(f"elapsed: {metrics['wall_seconds']:.1f} s (model load, data and the run itself)")
     print(f"results: {path}")

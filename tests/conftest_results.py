@@ -74,6 +74,11 @@ def write_run(
     run_dir = root / name
     run_dir.mkdir(parents=True, exist_ok=True)
     config = make_config(dataset, model, press, ratio, query_aware)
+    for part in variant.split("__"):  # a variant is an override: the config (hence the identity) carries it
+        key, sep, value = part.partition("=")
+        if sep:
+            section = config["dataset"] if key in config["dataset"] else config
+            section[key] = yaml.safe_load(value)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     identity = run_identity(OmegaConf.create(config), dtype="float32", device_type="cpu")
     (run_dir / "identity.json").write_text(json.dumps(identity, indent=2))
@@ -124,7 +129,7 @@ def make_results_tree(root: Path) -> dict[str, Any]:
               extra={"per_task": {"niah_single_1": 90.0, "vt": 86.0}})
     expected[("ruler", "no_press", 0.0, False)] = 88.0
     for press, ratio, score in (("no_press", 0.0, 40.0), ("snapkv", 0.5, 36.0), ("snapkv", 0.875, 30.0)):
-        buckets = {"0-4k": score + 2, "4-8k": score, "8k+": score - 3}
+        buckets = {"0-4k words": score + 2, "4-8k words": score, "8k+ words": score - 3}
         write_run(root, "longbench_e", model, press, ratio, score,
                   extra={"per_bucket": buckets, "per_task": {"qasper": score}})
         expected[("longbench_e", press, ratio, False)] = score

@@ -53,6 +53,7 @@ def complete_dirs(out: Path) -> list[Path]:
         (["+press.window_size=8", "press=knorm"], "press 'knorm' has no parameter window_size"),
         (["logger=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
         (["logger.name=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
+        (["query_aware=true"], "query_aware=true does not apply to dataset 'pg19': a perplexity dataset has no question"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, expected):

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import kvbench
-from kvbench.compression import model_access
+from kvbench import model_access
 from kvbench.compression.cache import CompressedLayer
 from kvbench.generation import base_model
 from kvbench.presses import PRESSES

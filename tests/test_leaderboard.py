@@ -78,14 +78,14 @@ def test_table_values_match_metrics(tree):
     assert snap["ratio_label"] == "0.875"
     assert snap["higher_is_better"]
     lb = _row(table, "longbench_e", "snapkv", 0.5)
-    assert (lb["bucket:0-4k"], lb["bucket:4-8k"], lb["bucket:8k+"]) == (38.0, 36.0, 33.0)
+    assert (lb["bucket:0-4k words"], lb["bucket:4-8k words"], lb["bucket:8k+ words"]) == (38.0, 36.0, 33.0)
     pg = _row(table, "pg19", "snapkv", 0.875)
     assert not pg["higher_is_better"]
     assert pg["perplexity"] == pytest.approx(19.0)
     assert pg["perplexity_ratio"] == pytest.approx(19.0 / 12.5)
     assert _row(table, "ruler", "no_press", 0.0)["ratio_label"] == "0.00"
     buckets = [c for c in table.columns if c.startswith("bucket:")]
-    assert buckets == ["bucket:0-4k", "bucket:4-8k", "bucket:8k+"]
+    assert buckets == ["bucket:0-4k words", "bucket:4-8k words", "bucket:8k+ words"]
 
 
 def test_run_name_fallback_when_metrics_lack_identity(tmp_path):
@@ -144,7 +144,7 @@ def test_cli_writes_all_outputs_and_summary(tree, capsys):
     assert str(target) in out
     csv = pd.read_csv(target / "leaderboard.csv")
     assert len(csv) == info["num_runs"]
-    assert {"task:niah_single_1", "bucket:8k+", "kv_bytes_after", "seconds_per_token"} <= set(csv.columns)
+    assert {"task:niah_single_1", "bucket:8k+ words", "kv_bytes_after", "seconds_per_token"} <= set(csv.columns)
     md = (target / "leaderboard.md").read_text()
     for heading in ("## ruler / smollm2-135m", "## longbench_e / smollm2-135m", "## pg19 / smollm2-135m"):
         assert heading in md
@@ -309,3 +309,64 @@ def test_smoke_runs_and_truncated_runs_are_marked(tmp_path):
     assert page.count('<span class="badge">smoke runs</span>') == 1
     assert "<th>samples / task</th>" in page and "<th>smoke run</th>" in page and "<th>truncated</th>" in page
     assert "fewer than 50 samples per task" in page
+
+
+def test_speed_columns_are_the_ones_the_runner_writes(tmp_path):
+    from kvbench.leaderboard.table import SPEED_COLUMNS
+    from kvbench.results import SPEED_COLUMNS as WRITTEN
+
+    assert tuple(WRITTEN) == SPEED_COLUMNS
+    speed = {column: 0.25 + i for i, column in enumerate(WRITTEN)}
+    write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0, speed=speed)
+    table, _ = load_results(tmp_path)
+    for column, value in speed.items():
+        assert table.loc[0, column] == value  # kv_kept_fraction included
+
+
+def test_a_budget_run_sits_at_its_achieved_kept_fraction(tmp_path):
+    speed = {"kv_kept_fraction": 0.3, "kv_bytes_after": 100}
+    write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0, variant="budget=128", speed=speed, extra={"budget": 128})
+    write_run(tmp_path, "ruler", MODEL, "knorm", 0.5, 50.0, speed={"kv_kept_fraction": 0.3})  # no budget: the ratio asked for
+    table, _ = load_results(tmp_path)
+    budget_row = table[table["press"] == "snapkv"].iloc[0]
+    assert budget_row["compression_ratio"] == pytest.approx(0.7) and budget_row["configured_ratio"] == 0.5
+    assert table[table["press"] == "knorm"].iloc[0]["compression_ratio"] == 0.5
+    grid = score_grid(table, "ruler", MODEL)
+    assert grid.loc["snapkv [budget=128]", "0.70"] == 60.0 and grid.loc["knorm", "0.50"] == 50.0
+
+
+def test_two_results_with_one_identity_are_flagged_not_averaged(tmp_path):
+    first = write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0)
+    copy = tmp_path / (first.name + "__copy")
+    shutil.copytree(first, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics.update(score=20.0, run_name=copy.name)
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 40.0, variant="seed=7")  # another identity: its own line
+    table, _ = load_results(tmp_path)
+    assert set(table["duplicate_of"]) == {"", first.name}
+    assert table.loc[table["run_name"] == copy.name, "duplicate_of"].item() == first.name
+    grid = score_grid(table, "ruler", MODEL)
+    assert grid.loc["snapkv", "0.50"] == 60.0  # not (60 + 20) / 2
+    from kvbench.leaderboard.table import DUPLICATE_MARK, to_markdown
+
+    text = to_markdown(table)
+    assert re.search(rf"60\.00\** {DUPLICATE_MARK}", text) and "20.00" not in text
+    assert copy.name in text and "same identity" in text
+    assert f"{copy.name} = {first.name}" in build_leaderboard(tmp_path).summary()
+
+
+def test_dataset_declarations_drive_direction_and_kind(tmp_path):
+    from kvbench import datasets
+    from kvbench.leaderboard.table import higher_is_better, is_perplexity
+
+    assert datasets.dataset_kind("pg19") == "perplexity" and datasets.higher_is_better("pg19") is False
+    assert {datasets.dataset_kind(n) for n in ("ruler", "longbench_e", "needle")} == {"generate"}
+    # a run written without the flags: the dataset module's declaration decides
+    run = write_run(tmp_path, "pg19", MODEL, "knorm", 0.5, 12.0)
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["higher_is_better"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    table, _ = load_results(tmp_path)
+    assert not higher_is_better(table, "pg19") and is_perplexity(table, "pg19")
+    assert table.loc[0, "kind"] == "perplexity"

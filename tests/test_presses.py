@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import kvbench
-from kvbench.compression.model_access import apply_rope
+from kvbench.model_access import apply_rope
 from kvbench.presses import PRESSES, press_parameters, selection
 from kvbench.presses.compactor import leverage
 from kvbench.presses.expected_attention import mean_rotation
@@ -91,3 +91,93 @@ def test_every_press_has_a_config_file_listing_its_parameters(name):
     config = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     expected = {k: v for k, v in press_parameters(name).items() if k not in ("compression_ratio", "budget")}
     assert config == {"name": name, **expected}
+
+
+def _fake_attention(kv_heads: int, group: int, head_dim: int, hidden: int, generator: torch.Generator) -> torch.nn.Module:
+    """Just what CriticalKV reads of an attention module: the family name and the output projection."""
+    module = torch.nn.Module()
+    module.config = type("Config", (), {"model_type": "llama"})()
+    module.o_proj = torch.nn.Linear(kv_heads * group * head_dim, hidden, bias=False)
+    with torch.no_grad():
+        module.o_proj.weight.copy_(torch.randn(hidden, kv_heads * group * head_dim, generator=generator))
+    return module
+
+
+def _loop_value_norm(values: torch.Tensor, weight: torch.Tensor, group: int) -> list:
+    """||v W_O^h||_1 per (batch, kv head, token), mean over the query heads of the group: plain loops."""
+    b, kv_heads, seq_len, d = values.shape
+    out = [[[0.0] * seq_len for _ in range(kv_heads)] for _ in range(b)]
+    for i in range(b):
+        for h in range(kv_heads):
+            for t in range(seq_len):
+                total = 0.0
+                for g in range(group):
+                    q_head = h * group + g
+                    w = weight[:, q_head * d : (q_head + 1) * d].double()
+                    total += float((w @ values[i, h, t].double()).abs().sum())
+                out[i][h][t] = total / group
+    return out
+
+
+def _loop_adakv_budgets(scores: list, n_kept: int, alpha: float) -> list[int]:
+    """AdaKV per-head counts for one batch row: each head's top int(n_kept * alpha), then the best of the rest."""
+    n_safe = int(n_kept * alpha)
+    kv_heads = len(scores)
+    safe = set()
+    for h, row in enumerate(scores):
+        for t in sorted(range(len(row)), key=lambda t: -row[t])[:n_safe]:
+            safe.add((h, t))
+    rest = sorted(((h, t) for h in range(kv_heads) for t in range(len(scores[h])) if (h, t) not in safe),
+                  key=lambda ht: -scores[ht[0]][ht[1]])
+    chosen = safe | set(rest[: kv_heads * n_kept - len(safe)])
+    return [sum(1 for (hh, _) in chosen if hh == h) for h in range(kv_heads)]
+
+
+def _loop_critical(scores: list, norms: list, budgets: list[int], firsts: list[int], eps: float) -> list[list[bool]]:
+    """Per head: stage one = the ``first`` best by score; stage two fills the budget by (score + eps) * norm."""
+    masks = []
+    for row, norm, budget, first in zip(scores, norms, budgets, firsts):
+        by_score = sorted(range(len(row)), key=lambda t: -row[t])
+        kept = set(by_score[:first])
+        rest = sorted((t for t in range(len(row)) if t not in kept), key=lambda t: -((row[t] + eps) * norm[t]))
+        kept |= set(rest[: budget - len(kept)])
+        masks.append([t in kept for t in range(len(row))])
+    return masks
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,group,seq_len,ratio,first_stage_ratio",
+    [(1, 2, 1, 12, 0.5, 0.5), (2, 3, 2, 20, 0.75, 0.5), (1, 4, 3, 33, 0.25, 0.3), (2, 2, 4, 16, 0.6, 0.9)],
+)
+def test_critical_adakv_selection_matches_a_straightforward_loop(batch, kv_heads, group, seq_len, ratio, first_stage_ratio):
+    from kvbench.presses.base import LayerState
+    from kvbench.presses.criticalkv import CriticalAdaKVPress, CriticalKVPress
+
+    generator = torch.Generator().manual_seed(seq_len * 7 + kv_heads)
+    head_dim, hidden = 4, 8
+    module = _fake_attention(kv_heads, group, head_dim, hidden, generator)
+    values = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator)
+    state = LayerState(module=module, layer_idx=0, hidden_states=torch.zeros(batch, seq_len, hidden), keys=values.clone(),
+                       values=values, cos=None, sin=None, rotary=None)
+    scores = torch.rand(batch, kv_heads, seq_len, generator=generator)
+    norms = _loop_value_norm(values, module.o_proj.weight.detach(), group)
+    eps = 1e-4
+
+    press = CriticalAdaKVPress(compression_ratio=ratio, first_stage_ratio=first_stage_ratio, epsilon=eps, alpha_safeguard=0.2)
+    n_kept = press.n_kept(seq_len)
+    mask = press.select(scores, state, n_kept).mask
+    n_safe = int(n_kept * 0.2)
+    for i in range(batch):
+        rows = scores[i].tolist()
+        budgets = _loop_adakv_budgets(rows, n_kept, 0.2)
+        firsts = [max(n_safe, int(budget * first_stage_ratio)) for budget in budgets]
+        expected = _loop_critical(rows, norms[i], budgets, firsts, eps)
+        assert mask[i].tolist() == expected
+        assert sum(budgets) == kv_heads * n_kept
+
+    uniform = CriticalKVPress(compression_ratio=ratio, first_stage_ratio=first_stage_ratio, epsilon=eps)
+    indices = uniform.select(scores, state, n_kept).indices
+    for i in range(batch):
+        expected = _loop_critical(scores[i].tolist(), norms[i], [n_kept] * kv_heads,
+                                  [int(n_kept * first_stage_ratio)] * kv_heads, eps)
+        assert [[t for t, keep in enumerate(row) if keep] for row in expected] == indices[i].tolist()

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from kvbench.compression import head_mask, model_access
+from kvbench import model_access
+from kvbench.compression import head_mask
 from kvbench.compression.cache import CompressedLayer, compress_layer, layer_of
+from kvbench.device import synchronize
 from kvbench.models import check_supported
 from kvbench.presses.base import LayerState, Press
 
@@ -34,12 +36,6 @@ class CompressionStats:
     context_length: int = 0
     kept_pairs: int = 0
     total_pairs: int = 0
-    per_layer_seconds: list[float] = field(default_factory=list)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, press: Press, stats: CompressionStats, rotary: nn.Module):
@@ -51,7 +47,7 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, pres
         return None  # not a prefill into an empty layer: questions and decoding are never compressed
     if press.is_noop(seq_len):
         return None
-    _synchronize(hidden.device)
+    synchronize(hidden.device)
     start = time.perf_counter()
     cos, sin = kwargs["position_embeddings"]
     state = LayerState(
@@ -69,10 +65,9 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, pres
         chosen = press.select(scores, state, press.n_kept(seq_len))
         compressed = compress_layer(layer.keys, layer.values, chosen)
     cache.layers[module.layer_idx] = compressed
-    _synchronize(hidden.device)
+    synchronize(hidden.device)
     elapsed = time.perf_counter() - start
     stats.seconds += elapsed
-    stats.per_layer_seconds.append(elapsed)
     stats.layers += 1
     stats.context_length = seq_len
     stats.kv_bytes_before += layer.keys.nbytes + layer.values.nbytes

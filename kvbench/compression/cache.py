@@ -24,10 +24,6 @@ class CompressedLayer(DynamicLayer):
         self.removed = removed
         self.head_mask = head_mask  # [batch, kv_heads, n_compressed] bool for head-adaptive layers, else None
 
-    @property
-    def n_compressed(self) -> int:
-        return self.head_mask.shape[-1] if self.head_mask is not None else self.keys.shape[-2]
-
     def get_seq_length(self) -> int:
         return self.keys.shape[-2] + self.removed
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvbench.compression import model_access
+from kvbench import model_access
 from kvbench.compression.cache import CompressedLayer, layer_of
 
 MASKABLE = ("eager", "sdpa")

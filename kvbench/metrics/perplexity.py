@@ -41,7 +41,6 @@ def compute(predictions: pd.DataFrame) -> dict:
         "perplexity": pooled,
         "mean_window_perplexity": float(sum(window_ppl) / len(window_ppl)),
         "per_book": per_book,
-        "higher_is_better": False,
         "num_windows": int(len(scored)),
         "num_tokens": int(tokens.sum()),
     }

@@ -27,6 +27,10 @@ class WrapperPress(Press):
         self.press.compression_ratio, self.press.budget = self.compression_ratio, self.budget
         return self.press.score(state)
 
+    @property
+    def window(self) -> int | None:
+        return self.press.window
+
 
 @dataclass
 class AdaKVPress(WrapperPress):

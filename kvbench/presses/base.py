@@ -63,6 +63,15 @@ class Press:
     def is_noop(self, seq_len: int) -> bool:
         return self.n_kept(seq_len) >= seq_len
 
+    @property
+    def window(self) -> int | None:
+        """Trailing context tokens the press always keeps (an observation window), or None when it has none.
+
+        The runner asks this (it never reads a press' fields) to flag contexts no longer than the window,
+        where the press cannot compress.
+        """
+        return None
+
     def score(self, state: LayerState) -> torch.Tensor:
         """Return ``[batch, kv_heads, seq]`` scores, higher = keep."""
         raise KVBenchError(f"{type(self).__name__} defines no score; subclass Press and implement score()")

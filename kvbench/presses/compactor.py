@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.compression import model_access
+from kvbench import model_access
 from kvbench.presses.base import LayerState, Press
 from kvbench.presses.snapkv import pool_same_length
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.compression import model_access
+from kvbench import model_access
 from kvbench.presses import selection
 from kvbench.presses.adakv import WrapperPress
 from kvbench.presses.base import LayerState

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.compression import model_access
+from kvbench import model_access
 from kvbench.errors import KVBenchError
 from kvbench.presses.base import LayerState, Press
 
@@ -63,6 +63,10 @@ class SnapKVPress(Press):
     window_size: int = 64
     kernel_size: int = 5
     pooling: str = "avg"
+
+    @property
+    def window(self) -> int | None:
+        return self.window_size
 
     def score(self, state: LayerState) -> torch.Tensor:
         seq_len = state.seq_len

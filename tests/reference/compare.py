@@ -18,7 +18,7 @@ import torch
 
 import kvbench
 from kvbench.compression.cache import stored_lengths
-from kvbench.compression.model_access import cache_argument
+from kvbench.model_access import cache_argument
 from kvbench.generation import base_model
 from kvbench.presses import selection
 from transformers import DynamicCache

@@ -4,6 +4,7 @@ Presses need queries (SnapKV's window, Expected Attention's statistics, Compacto
 and the per-head output projection (CriticalKV). Those live in differently named weights per family
 (Llama/Mistral/Qwen2 ``q_proj``; Qwen3 adds ``q_norm``; GPT-NeoX fuses ``query_key_value`` and rotates
 only part of each head). This module is the one place that knows those names, so presses stay generic.
+It sits below both ``kvbench.presses`` and ``kvbench.compression`` (both import it; it imports neither).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import inspect
 import torch
 from torch import nn
 
-SEPARATE_QKV = ("llama", "mistral", "qwen2", "qwen3")
 FUSED_QKV = ("gpt_neox",)
 
 
