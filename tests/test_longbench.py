@@ -163,7 +163,7 @@ def test_hydra_config_file(longbench_dir):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "dataset" / "longbench_e.yaml")
-    assert cfg.name == "longbench_e" and cfg.kind == "generate" and cfg.tasks is None
+    assert cfg.name == "longbench_e" and lb.KIND == "generate" and "kind" not in cfg and cfg.tasks is None
     cfg.path = str(longbench_dir)
     cfg.tasks = ["hotpotqa", "lcc"]
     assert len(lb.load(cfg, None)) == 4
