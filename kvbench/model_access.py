@@ -9,6 +9,7 @@ It sits below both ``kvbench.presses`` and ``kvbench.compression`` (both import 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -110,5 +111,11 @@ def cache_from_kwargs(kwargs: dict):
 
 def cache_argument(model: nn.Module) -> str:
     """The keyword this model's forward takes its cache under: ``cache`` in newer transformers releases (which
-    still accept ``past_key_values`` with a deprecation warning), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    still accept ``past_key_values`` with a deprecation warning), ``past_key_values`` before. Asked once per
+    model class: decoding asks it at every generated token."""
+    return _cache_argument_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

@@ -155,7 +155,7 @@ def load_config(name_or_path: str = "smollm2-135m"):
     """
     from transformers import AutoConfig
 
-    if name_or_path in PACKAGED_MODELS and not (cache_root() / "models" / name_or_path / "config.json").exists():
+    if name_or_path in PACKAGED_MODELS and not _is_converted(cache_root() / "models" / name_or_path):
         gguf = packaged_gguf_path(name_or_path)
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source = resolve_source(name_or_path)

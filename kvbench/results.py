@@ -228,20 +228,13 @@ class RunDirectory:
     def is_complete(self) -> bool:
         if not all((self.path / f).is_file() for f in RESULT_FILES):
             return False
-        try:
-            json.loads((self.path / "metrics.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return True
+        return _read_json(self.path / "metrics.json") is not None
 
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text())
 
     def recorded_identity(self) -> dict | None:
-        try:
-            return json.loads((self.path / IDENTITY_FILE).read_text())
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.path / IDENTITY_FILE)
 
     def check_identity(self, identity: dict) -> None:
         """Refuse to reuse a finished result computed under another identity, naming what differs."""
@@ -265,11 +258,7 @@ class RunDirectory:
         rows, saved = self.partial / "rows.jsonl", self.partial / IDENTITY_FILE
         if not rows.exists():
             return None
-        try:
-            recorded = json.loads(saved.read_text())
-        except (OSError, ValueError):
-            recorded = None
-        if recorded != _plain(identity):
+        if _read_json(saved) != _plain(identity):
             stamp = time.strftime("%Y%m%dT%H%M%S")
             for path in (rows, saved):
                 if path.exists():
@@ -277,9 +266,10 @@ class RunDirectory:
             print(f"[kvbench] {self.name}: the checkpoint in {self.partial} was written by another setup; "
                   f"moved aside as rows.jsonl.stale-{stamp}, starting afresh")
             return None
-        lines = rows.read_text().splitlines()
+        text = rows.read_text()
+        lines = text.splitlines()
         records = [r for r in map(_record, lines) if r is not None]
-        if len(records) != len(lines) or not rows.read_text().endswith("\n"):
+        if len(records) != len(lines) or not text.endswith("\n"):
             atomic.write_text(rows, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
         if not records:
             return None
@@ -291,7 +281,7 @@ class RunDirectory:
         self.partial.mkdir(parents=True, exist_ok=True)
         saved = self.partial / IDENTITY_FILE
         if not saved.exists():
-            atomic.write_text(saved, json.dumps(_plain(identity), indent=2, default=_json_default) + "\n")
+            atomic.write_text(saved, _json_text(_plain(identity)))
         with open(self.partial / "rows.jsonl", "a") as handle:
             for record in records:
                 handle.write(json.dumps(record, default=_json_default) + "\n")
@@ -306,9 +296,9 @@ class RunDirectory:
                  overwrite: bool) -> Path:
         """Write the result files into ``staging`` (artifacts may already be there) and move it into place."""
         serialise_predictions(predictions).to_csv(staging / "predictions.csv", index=False)
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        (staging / "metrics.json").write_text(_json_text(metrics))
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
-        (staging / IDENTITY_FILE).write_text(json.dumps(_plain(identity), indent=2, default=_json_default) + "\n")
+        (staging / IDENTITY_FILE).write_text(_json_text(_plain(identity)))
         with self.lock():
             if not overwrite and self.is_complete() and self.recorded_identity() == _plain(identity):
                 shutil.rmtree(staging, ignore_errors=True)  # the same run finished elsewhere first: keep it
@@ -325,6 +315,18 @@ class RunDirectory:
 def _plain(identity: dict) -> dict:
     """The identity as it reads back from JSON (tuples become lists, numpy scalars numbers)."""
     return json.loads(json.dumps(identity, default=_json_default))
+
+
+def _json_text(data) -> str:
+    return json.dumps(data, indent=2, default=_json_default) + "\n"
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or torn."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _record(line: str) -> dict | None:

@@ -110,6 +110,13 @@ def seed_spread(name: str, key: str) -> float:
     return max(kept_difference(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1 :])
 
 
+def mean_seed_difference(name: str, key: str, ours: Outcome) -> tuple[float, float]:
+    """kvbench's mean kept-pair and logits differences to each of the reference's sketch seeds."""
+    refs = [reference(name, k) for k in reference_seeds(name, key)]
+    kept = float(np.mean([kept_difference(r.kept, ours.kept) for r in refs]))
+    return kept, float(np.mean([logits_difference(ours.logits, r.logits) for r in refs]))
+
+
 def table(name: str) -> list[tuple[str, float, float, float | None]]:
     """(press/ratio, kept pairs that differ, relative logits difference, reference seed spread or None)."""
     rows = []
@@ -117,10 +124,7 @@ def table(name: str) -> list[tuple[str, float, float, float | None]]:
         press_name, ratio = key.split("/")
         ours = kvbench_outcome(name, press_name, float(ratio))
         if press_name in RANDOM_SKETCH:
-            refs = [reference(name, k) for k in reference_seeds(name, key)]
-            kept = float(np.mean([kept_difference(r.kept, ours.kept) for r in refs]))
-            logits = float(np.mean([logits_difference(ours.logits, r.logits) for r in refs]))
-            rows.append((key, kept, logits, seed_spread(name, key)))
+            rows.append((key, *mean_seed_difference(name, key, ours), seed_spread(name, key)))
         else:
             ref = reference(name, key)
             rows.append((key, kept_difference(ref.kept, ours.kept), logits_difference(ours.logits, ref.logits), None))
