@@ -324,7 +324,7 @@ def _json_text(data) -> str:
 def _read_json(path: Path) -> dict | None:
     """A JSON file's content, or None when it is missing or torn."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

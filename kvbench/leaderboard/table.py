@@ -20,7 +20,7 @@ import yaml
 
 from kvbench.errors import KVBenchError
 from kvbench import datasets
-from kvbench.results import IDENTITY_FILE, RESULT_FILES, format_ratio  # the leaderboard reads what results.py writes
+from kvbench.results import RESULT_FILES, RunDirectory, format_ratio  # the leaderboard reads what results.py writes
 from kvbench.results import SPEED_COLUMNS as RUN_SPEED_COLUMNS
 
 NO_PRESS = "no_press"
@@ -235,9 +235,8 @@ def _declared(dataset: str, read, default):
 
 def _identity_key(run_dir: Path) -> str | None:
     """A short digest of ``identity.json`` (None for runs written without one): equal digests = the same run."""
-    try:
-        identity = json.loads((run_dir / IDENTITY_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    identity = RunDirectory(run_dir.parent, run_dir.name).recorded_identity()
+    if identity is None:
         return None
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
