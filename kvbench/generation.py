@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from kvbench import model_access
-from kvbench.compression import CompressionStats, compress
+from kvbench.compression import CompressionStats, Target, compress_into
 from kvbench.compression.cache import kv_bytes, stored_lengths, truncate
 from kvbench.device import peak_memory_bytes, reset_peak_memory, synchronize
 from kvbench.errors import KVBenchError
@@ -152,98 +152,243 @@ def base_model(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
+@dataclass
+class Prefilled:
+    """One prefill of a batch of contexts, compressed once per press.
+
+    ``prefill_seconds`` is the prefill as one press alone would have taken it: the shared forward pass plus
+    that press' own compression, without the other presses' (so a shared-prefill job reports what a solo job
+    measures).
+    """
+
+    caches: list[DynamicCache]
+    stats: list[CompressionStats]
+    prefill_seconds: list[float]
+    last_hidden: torch.Tensor  # [batch, 1, hidden]: each context's last real position
+    lengths: list[int]
+    rerotated: list[bool]
+
+    def start_positions(self, index: int) -> list[int]:
+        """Position of each context's next token over press ``index``'s cache: its length, or its kept count when
+        the press re-rotated the kept keys to contiguous positions."""
+        if not self.rerotated[index]:
+            return list(self.lengths)
+        layer = self.caches[index].layers[0]
+        counts = layer.lengths[:, 0] if hasattr(layer, "lengths") else torch.full((len(self.lengths),), layer.keys.shape[-2])
+        return [int(c) for c in counts]
+
+
+def right_pad(sequences: list[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
+    """[1, n_i] id tensors -> [b, max n]: real tokens first, so causal attention never lets them see padding."""
+    longest = max(s.shape[-1] for s in sequences)
+    return torch.cat([torch.nn.functional.pad(s, (0, longest - s.shape[-1]), value=pad_id) for s in sequences])
+
+
+@torch.no_grad()
+def prefill_many(model, contexts: list[torch.Tensor], presses: list[Press], layout: str = "packed") -> Prefilled:
+    """Prefill ``contexts`` (each ``[1, n_i]``) as one right-padded batch and compress the result once per press.
+
+    One context and one press compress the prefill's own cache in place (the solo path); otherwise each press
+    gets its own cache and the prefill's is freed layer by layer.
+    """
+    device = model.device
+    lengths = [int(c.shape[-1]) for c in contexts]
+    batched = len(contexts) > 1
+    ids = right_pad(contexts).to(device)
+    cache = DynamicCache(config=model.config)
+    solo = len(presses) == 1
+    targets = [Target(p, None if solo else DynamicCache(config=model.config)) for p in presses]
+    synchronize(device)
+    start = time.perf_counter()
+    with compress_into(model, targets, lengths=lengths if batched else None, layout=layout):
+        out = base_model(model)(input_ids=ids, **_cache(model, cache), use_cache=True)
+    synchronize(device)
+    shared = time.perf_counter() - start - sum(t.stats.seconds for t in targets)
+    last = torch.tensor(lengths, device=device) - 1
+    return Prefilled(
+        caches=[cache if t.cache is None else t.cache for t in targets],
+        stats=[t.stats for t in targets],
+        prefill_seconds=[shared + t.stats.seconds for t in targets],
+        last_hidden=out.last_hidden_state[torch.arange(len(lengths), device=device), last][:, None],
+        lengths=lengths,
+        rerotated=[p.rerotates_keys for p in presses],
+    )
+
+
 @torch.no_grad()
 def prefill(model, context_ids: torch.Tensor, press: Press) -> tuple[DynamicCache, float, CompressionStats, torch.Tensor]:
     """Run the context through the decoder with compression; return cache, seconds, stats, last hidden state."""
+    done = prefill_many(model, [context_ids], [press])
+    return done.caches[0], done.prefill_seconds[0], done.stats[0], done.last_hidden
+
+
+def _step(model, cache, ids: torch.Tensor, positions: torch.Tensor | None, validity, valid: torch.Tensor | None, **kwargs):
+    """One forward over the cache; batched caches get explicit positions and the new slots' validity."""
+    if validity is not None:
+        validity.append(valid if valid is not None else torch.ones(ids.shape, dtype=torch.bool))
+    extra = {} if positions is None else {"position_ids": positions.to(model.device)}
+    return model(input_ids=ids.to(model.device), **_cache(model, cache), use_cache=True, **extra, **kwargs).logits
+
+
+def _tail_validity(cache):
+    return getattr(cache.layers[0], "tail_validity", None)
+
+
+@torch.no_grad()
+def greedy_decode_batch(model, cache, questions: list[torch.Tensor], max_new_tokens: list[int], eos_ids: set[int],
+                        starts: list[int] | None = None) -> tuple[list[list[int]], float, float]:
+    """Greedy decoding of one question per context (``[1, m_i]`` each) over a (batched) cache.
+
+    Batch size 1 decodes as the model would on its own. A batch left-pads the questions so every context's last
+    question token is the last column; the padding is invisible (tail validity) and positions continue from
+    ``starts`` (each context's next position). Every context decodes until the longest budget; each keeps its
+    tokens up to its own EOS or budget. Returns tokens, time to first token and seconds per later token.
+    """
     device = model.device
-    cache = DynamicCache(config=model.config)
+    batch = len(questions)
+    validity = _tail_validity(cache) if batch > 1 else None
+    if batch > 1:
+        longest = max(q.shape[-1] for q in questions)
+        ids = torch.cat([torch.nn.functional.pad(q, (longest - q.shape[-1], 0)) for q in questions])
+        valid = torch.arange(longest)[None] >= torch.tensor([longest - q.shape[-1] for q in questions])[:, None]
+        positions = (torch.tensor(starts)[:, None] + valid.long().cumsum(-1) - 1).clamp_min(0)
+        next_position = torch.tensor(starts) + valid.sum(-1)
+    else:
+        ids, valid, positions, next_position = questions[0], None, None, None
     synchronize(device)
     start = time.perf_counter()
-    with compress(model, press) as stats:
-        out = base_model(model)(input_ids=context_ids.to(device), **_cache(model, cache), use_cache=True)
+    logits = _step(model, cache, ids, positions, validity, valid, logits_to_keep=1)
+    next_ids = logits[:, -1].argmax(-1).cpu()
     synchronize(device)
-    return cache, time.perf_counter() - start, stats, out.last_hidden_state[:, -1:]
+    ttft = time.perf_counter() - start
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    steps = 0
+    decode_start = time.perf_counter()
+    while True:
+        for i in range(batch):
+            if not done[i]:
+                tokens[i].append(int(next_ids[i]))
+                done[i] = tokens[i][-1] in eos_ids or len(tokens[i]) >= max_new_tokens[i]
+        if all(done):
+            break
+        step_positions = None if next_position is None else (next_position + steps)[:, None]
+        logits = _step(model, cache, next_ids[:, None], step_positions, validity, None)
+        next_ids = logits[:, -1].argmax(-1).cpu()
+        steps += 1
+    synchronize(device)
+    per_token = (time.perf_counter() - decode_start) / max(steps, 1)
+    return tokens, ttft, per_token
 
 
 @torch.no_grad()
 def greedy_decode(model, cache, question_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]) -> tuple[list[int], float, float]:
     """Greedy decoding until an EOS id or ``max_new_tokens``; returns tokens, time to first token, s/token."""
+    tokens, ttft, per_token = greedy_decode_batch(model, cache, [question_ids], [max_new_tokens], eos_ids)
+    return tokens[0], ttft, per_token
+
+
+def _context_runs(prefilled: Prefilled, index: int, kv_after: int, peak: int | None, answers: list[list[Answer]],
+                  extra: list[dict] | None = None) -> list[ContextRun]:
+    """Per-context records of press ``index``; batch-wide costs (prefill, bytes) are shared out evenly."""
+    batch = len(prefilled.lengths)
+    return [ContextRun(
+        answers=answers[i],
+        context_tokens=prefilled.lengths[i],
+        prefill_seconds=prefilled.prefill_seconds[index] / batch,
+        compression=_share(prefilled.stats[index], batch),
+        kv_bytes_after=kv_after // batch,
+        peak_memory_bytes=peak,
+        extra=extra[i] if extra else {},
+    ) for i in range(batch)]
+
+
+def _share(stats: CompressionStats, batch: int) -> CompressionStats:
+    if batch == 1:
+        return stats
+    return CompressionStats(stats.seconds / batch, stats.kv_bytes_before // batch, stats.kv_bytes_after // batch,
+                            stats.layers, stats.context_length, stats.kept_pairs, stats.total_pairs)
+
+
+def answer_prompts(model, tokenizer, prompts: list[Prompt], presses: list[Press], max_new_tokens: list[list[int]],
+                   layout: str = "packed") -> list[list[ContextRun]]:
+    """One compressed prefill of a batch of prompts per press set; each question decoded from the shared cache.
+
+    Returns one list per press with one ``ContextRun`` per prompt. Prompts with fewer questions than the others
+    decode a copy of their last one, whose answer is dropped.
+    """
     device = model.device
-    synchronize(device)
-    start = time.perf_counter()
-    logits = model(input_ids=question_ids.to(device), **_cache(model, cache), use_cache=True, logits_to_keep=1).logits
-    tokens: list[int] = []
-    next_id = int(logits[0, -1].argmax())
-    synchronize(device)
-    ttft = time.perf_counter() - start
-    decode_start = time.perf_counter()
-    while True:
-        tokens.append(next_id)
-        if next_id in eos_ids or len(tokens) >= max_new_tokens:
-            break
-        step = torch.tensor([[next_id]], device=device)
-        logits = model(input_ids=step, **_cache(model, cache), use_cache=True).logits
-        next_id = int(logits[0, -1].argmax())
-    synchronize(device)
-    per_token = (time.perf_counter() - decode_start) / max(len(tokens) - 1, 1)
-    return tokens, ttft, per_token
+    reset_peak_memory(device)
+    prefilled = prefill_many(model, [p.context_ids for p in prompts], presses, layout)
+    eos = eos_token_ids(model, tokenizer)
+    rounds = max(len(p.question_ids) for p in prompts)
+    out = []
+    for index, cache in enumerate(prefilled.caches):
+        after = kv_bytes(cache)
+        lengths = stored_lengths(cache)
+        answers: list[list[Answer]] = [[] for _ in prompts]
+        for j in range(rounds):
+            questions = [p.question_ids[min(j, len(p.question_ids) - 1)] for p in prompts]
+            budgets = [b[min(j, len(b) - 1)] for b in max_new_tokens]
+            tokens, ttft, per_token = greedy_decode_batch(model, cache, questions, budgets, eos, prefilled.start_positions(index))
+            truncate(cache, lengths)  # the next question sees the compressed context, not this answer
+            for i, (prompt, ids) in enumerate(zip(prompts, tokens)):
+                if j < len(prompt.question_ids):
+                    text = tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
+                    answers[i].append(Answer(text=text.strip(), token_ids=ids, ttft_seconds=ttft, seconds_per_token=per_token))
+        out.append(_context_runs(prefilled, index, after, peak_memory_bytes(device), answers))
+        prefilled.caches[index] = None  # decoded: its memory can go before the next press' decoding
+    return out
 
 
 def answer_questions(model, tokenizer, prompt: Prompt, press: Press, max_new_tokens: int | list[int]) -> ContextRun:
     """One compressed prefill, then each question decoded from the same cache state."""
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt.question_ids)
+    return answer_prompts(model, tokenizer, [prompt], [press], [budgets])[0][0]
+
+
+@torch.no_grad()
+def continuations_nll(model, contexts: list[torch.Tensor], continuations: list[torch.Tensor], presses: list[Press],
+                      layout: str = "packed") -> list[list[tuple[float, int, ContextRun]]]:
+    """Summed negative log-likelihood of each continuation given its (compressed) context, per press.
+
+    The first continuation token is predicted from the context's last position (prefill output, which
+    compression does not change); the others are teacher-forced over the compressed cache. A batch right-pads
+    the continuations (padding comes after every real token, so no real token sees it).
+    """
     device = model.device
     reset_peak_memory(device)
-    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompt.question_ids)
-    cache, prefill_seconds, stats, _ = prefill(model, prompt.context_ids, press)
-    after = kv_bytes(cache)
-    lengths = stored_lengths(cache)
-    eos = eos_token_ids(model, tokenizer)
-    answers = []
-    for question_ids, budget in zip(prompt.question_ids, budgets):
-        tokens, ttft, per_token = greedy_decode(model, cache, question_ids, budget, eos)
-        truncate(cache, lengths)  # the next question sees the compressed context, not this answer
-        text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-        answers.append(Answer(text=text.strip(), token_ids=tokens, ttft_seconds=ttft, seconds_per_token=per_token))
-    return ContextRun(
-        answers=answers,
-        context_tokens=prompt.context_ids.shape[-1],
-        prefill_seconds=prefill_seconds,
-        compression=stats,
-        kv_bytes_after=after,
-        peak_memory_bytes=peak_memory_bytes(device),
-    )
+    prefilled = prefill_many(model, contexts, presses, layout)
+    first_logits = model.get_output_embeddings()(prefilled.last_hidden)  # [b, 1, V]
+    batch = len(contexts)
+    targets = right_pad(continuations).to(device)
+    out = []
+    for index, cache in enumerate(prefilled.caches):
+        after = kv_bytes(cache)
+        synchronize(device)
+        start = time.perf_counter()
+        logits = first_logits
+        if targets.shape[-1] > 1:  # a one-token continuation is scored by the prefill output alone
+            positions = None
+            if batch > 1:
+                positions = torch.tensor(prefilled.start_positions(index))[:, None] + torch.arange(targets.shape[-1] - 1)
+            rest = _step(model, cache, targets[:, :-1], positions, _tail_validity(cache) if batch > 1 else None, None)
+            logits = torch.cat([first_logits, rest], dim=1)
+        synchronize(device)
+        forced_seconds = (time.perf_counter() - start) / batch
+        logits = logits.float()
+        scored = []
+        for i, continuation in enumerate(continuations):
+            n = continuation.shape[-1]
+            scored.append(float(torch.nn.functional.cross_entropy(logits[i, :n], targets[i, :n], reduction="sum")))
+        runs = _context_runs(prefilled, index, after, peak_memory_bytes(device), [[] for _ in contexts],
+                             [{"teacher_forced_seconds": forced_seconds} for _ in contexts])
+        out.append([(nll, int(c.shape[-1]), run) for nll, c, run in zip(scored, continuations, runs)])
+        prefilled.caches[index] = None
+    return out
 
 
 @torch.no_grad()
 def continuation_nll(model, context_ids: torch.Tensor, continuation_ids: torch.Tensor, press: Press) -> tuple[float, int, ContextRun]:
-    """Summed negative log-likelihood of ``continuation_ids`` given the (compressed) context.
-
-    The first continuation token is predicted from the context's last position (prefill output, which
-    compression does not change); the others are teacher-forced over the compressed cache.
-    """
-    device = model.device
-    reset_peak_memory(device)
-    cache, prefill_seconds, stats, last_hidden = prefill(model, context_ids, press)
-    after = kv_bytes(cache)
-    continuation_ids = continuation_ids.to(device)
-    first_logits = model.get_output_embeddings()(last_hidden)
-    synchronize(device)
-    start = time.perf_counter()
-    logits = first_logits
-    if continuation_ids.shape[-1] > 1:  # a one-token continuation is scored by the prefill output alone
-        rest_logits = model(input_ids=continuation_ids[:, :-1], **_cache(model, cache), use_cache=True).logits
-        logits = torch.cat([first_logits, rest_logits], dim=1)
-    synchronize(device)
-    forced_seconds = time.perf_counter() - start
-    logits = logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[0], continuation_ids[0], reduction="sum")
-    run = ContextRun(
-        answers=[],
-        context_tokens=context_ids.shape[-1],
-        prefill_seconds=prefill_seconds,
-        compression=stats,
-        kv_bytes_after=after,
-        peak_memory_bytes=peak_memory_bytes(device),
-        extra={"teacher_forced_seconds": forced_seconds},
-    )
-    return float(nll), int(continuation_ids.shape[-1]), run
+    """``continuations_nll`` for one context and one press."""
+    return continuations_nll(model, [context_ids], [continuation_ids], [press])[0][0]

@@ -7,11 +7,12 @@ their registries, the dataset module's declared ``KIND`` picks question answerin
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from kvbench import generation
+from kvbench.compression import LAYOUTS
 from kvbench.datasets import dataset_kind, dataset_module, higher_is_better, load_dataset
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
@@ -128,19 +130,58 @@ def validate(cfg: DictConfig) -> None:
     ratio = cfg.compression_ratio
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise KVBenchError(f"compression_ratio must be a number in [0, 1), got {ratio}")
-    build_press(cfg.press.name, **press_params(cfg))
+    batch_size = cfg.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise KVBenchError(f"batch_size must be a positive integer, got {batch_size!r}")
+    layout = cfg.get("cache_layout", "packed")
+    if layout not in LAYOUTS:
+        raise KVBenchError(f"cache_layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if batch_size > 1 and layout != "packed":
+        raise KVBenchError("batch_size > 1 needs cache_layout=packed (each context keeps its own length); use batch_size=1 "
+                           "to compare with the masked layout")
+    press = build_press(cfg.press.name, **press_params(cfg))
+    if getattr(press, "needs_attention_weights", False) and cfg.model.get("attn_implementation", "sdpa") != "eager":
+        raise KVBenchError(f"press '{cfg.press.name}' needs the attention weights, which only eager attention returns; "
+                           f"set model.attn_implementation=eager")
     check_lengths(cfg)
 
 
 @dataclass
+class Job:
+    """One configuration of a run group: where its result goes, what it must match, its press and its rows."""
+
+    cfg: DictConfig
+    variant: str
+    name: str
+    directory: RunDirectory
+    identity: dict
+    logger: str
+    press: object = None
+    done: pd.DataFrame | None = None
+    records: list = field(default_factory=list)
+    warned_short: bool = False
+
+    def finished(self) -> set:
+        return set(self.done["sample_id"]) if self.done is not None else set()
+
+
+@dataclass
 class RunContext:
+    """What the jobs of a group share: one model, one tokenizer, one length limit, one dataset."""
+
     cfg: DictConfig
     model: object
     tokenizer: object
-    press: object
-    directory: RunDirectory
+    jobs: list[Job]
     max_length: int | None = None  # resolved max_context_length: no sequence the model sees is longer
-    identity: dict | None = None  # what the checkpoint rows belong to (kvbench.results.run_identity)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.cfg.get("batch_size", 1))
+
+    @property
+    def layout(self) -> str:
+        return str(self.cfg.get("cache_layout", "packed"))
 
 
 def _speed_row(run: generation.ContextRun) -> dict:
@@ -157,92 +198,117 @@ def _speed_row(run: generation.ContextRun) -> dict:
     }
 
 
-def generate_predictions(ctx: RunContext, df: pd.DataFrame, done: pd.DataFrame | None) -> pd.DataFrame:
-    """Answer every row; rows sharing a context share one compressed prefill (unless query-aware)."""
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _warn_short(job: Job, context_tokens: int) -> bool:
+    window = job.press.window
+    short = window is not None and context_tokens <= window and not job.press.is_noop(context_tokens)
+    if short and not job.warned_short:
+        log.warning("%s: context of %d tokens is not longer than the press window (%d): the whole window is kept; "
+                    "recorded as short_context", job.name, context_tokens, window)
+        job.warned_short = True
+    return short
+
+
+def generate_predictions(ctx: RunContext, df: pd.DataFrame) -> None:
+    """Answer every row for every job; rows sharing a context share one prefill (unless query-aware), contexts
+    are prefilled ``batch_size`` at a time, and every job's press compresses the same prefill."""
     cfg = ctx.cfg
-    finished = set(done["sample_id"]) if done is not None else set()
-    todo = df[~df["sample_id"].isin(finished)]
     if cfg.query_aware:
-        groups = [todo.iloc[[i]] for i in range(len(todo))]
+        groups = [df.iloc[[i]] for i in range(len(df))]
     else:
-        groups = [g for _, g in todo.groupby(["context", "answer_prefix"], sort=False)]
-    window, warned, warned_cut = ctx.press.window, False, False
-    records = []
-    progress = tqdm(total=len(df), initial=len(finished), desc=f"{ctx.directory.name}", unit="sample", leave=False)
-    for group in groups:
-        first = group.iloc[0]
-        use_chat = bool(first.get("chat_template", True)) if "chat_template" in group.columns else None
-        prompt = generation.build_prompt(
-            ctx.tokenizer,
-            first["context"],
-            list(group["question"]),
-            first["answer_prefix"],
-            use_chat_template=use_chat,
-            query_aware=bool(cfg.query_aware),
-            max_length=ctx.max_length,
-            max_new_tokens=[int(x) for x in group["max_new_tokens"]],
-        )
-        if prompt.truncated_tokens and not warned_cut:
-            log.warning("a prompt does not fit max_context_length=%d with its question and max_new_tokens: %d tokens were cut "
-                        "from the middle of its context; metrics.json counts such samples (truncated_samples, max_truncated_tokens)",
-                        ctx.max_length, prompt.truncated_tokens)
-            warned_cut = True
-        short = window is not None and prompt.context_ids.shape[-1] <= window and not ctx.press.is_noop(prompt.context_ids.shape[-1])
-        if short and not warned:
-            log.warning("context of %d tokens is not longer than the press window (%d): the whole window is kept; recorded as short_context",
-                        prompt.context_ids.shape[-1], window)
-            warned = True
-        run = generation.answer_questions(ctx.model, ctx.tokenizer, prompt, ctx.press, [int(x) for x in group["max_new_tokens"]])
-        speed = _speed_row(run)
-        batch = []
-        for (_, row), answer in zip(group.iterrows(), run.answers):
-            record = {k: v for k, v in row.items() if k != "context"}
-            record.update(speed)
-            record.update(
-                prediction=answer.text,
-                output_tokens=len(answer.token_ids),
-                ttft_seconds=answer.ttft_seconds,
-                seconds_per_token=answer.seconds_per_token,
-                truncated_tokens=prompt.truncated_tokens,
-                short_context=bool(short),
+        groups = [g for _, g in df.groupby(["context", "answer_prefix"], sort=False)]
+    warned_cut = False
+    progress = tqdm(total=len(df), desc=ctx.jobs[0].name if len(ctx.jobs) == 1 else f"{len(ctx.jobs)} jobs",
+                    unit="sample", leave=False)
+    for batch in _batches(groups, ctx.batch_size):
+        ids = set().union(*(set(g["sample_id"]) for g in batch))
+        jobs = [job for job in ctx.jobs if not ids <= job.finished()]
+        if not jobs:
+            progress.update(sum(len(g) for g in batch))
+            continue
+        prompts = []
+        for group in batch:
+            first = group.iloc[0]
+            use_chat = bool(first.get("chat_template", True)) if "chat_template" in group.columns else None
+            prompt = generation.build_prompt(
+                ctx.tokenizer, first["context"], list(group["question"]), first["answer_prefix"],
+                use_chat_template=use_chat, query_aware=bool(cfg.query_aware), max_length=ctx.max_length,
+                max_new_tokens=[int(x) for x in group["max_new_tokens"]],
             )
-            batch.append(record)
-        ctx.directory.checkpoint(ctx.identity, batch)
-        records.extend(batch)
-        progress.update(len(batch))
+            if prompt.truncated_tokens and not warned_cut:
+                log.warning("a prompt does not fit max_context_length=%d with its question and max_new_tokens: %d tokens were "
+                            "cut from the middle of its context; metrics.json counts such samples (truncated_samples, "
+                            "max_truncated_tokens)", ctx.max_length, prompt.truncated_tokens)
+                warned_cut = True
+            prompts.append(prompt)
+        budgets = [[int(x) for x in g["max_new_tokens"]] for g in batch]
+        runs = generation.answer_prompts(ctx.model, ctx.tokenizer, prompts, [j.press for j in jobs], budgets, ctx.layout)
+        for job, job_runs in zip(jobs, runs):
+            rows = []
+            for group, prompt, run in zip(batch, prompts, job_runs):
+                short = _warn_short(job, prompt.context_ids.shape[-1])
+                speed = _speed_row(run)
+                for (_, row), answer in zip(group.iterrows(), run.answers):
+                    if row["sample_id"] in job.finished():
+                        continue
+                    record = {k: v for k, v in row.items() if k != "context"}
+                    record.update(speed)
+                    record.update(prediction=answer.text, output_tokens=len(answer.token_ids), ttft_seconds=answer.ttft_seconds,
+                                  seconds_per_token=answer.seconds_per_token, truncated_tokens=prompt.truncated_tokens,
+                                  short_context=bool(short))
+                    rows.append(record)
+            job.directory.checkpoint(job.identity, rows)
+            job.records.extend(rows)
+        progress.update(sum(len(g) for g in batch))
     progress.close()
-    out = pd.DataFrame(records)
-    if done is not None:
-        out = pd.concat([done, out], ignore_index=True)
-    order = {sid: i for i, sid in enumerate(df["sample_id"])}
-    return out.sort_values("sample_id", key=lambda s: s.map(order)).reset_index(drop=True)
 
 
-def perplexity_predictions(ctx: RunContext, windows: pd.DataFrame, done: pd.DataFrame | None) -> pd.DataFrame:
-    """Score every window: its first ``context_tokens`` ids are prefilled (and compressed), the rest scored.
+def perplexity_predictions(ctx: RunContext, windows: pd.DataFrame) -> None:
+    """Score every window for every job: its first ``context_tokens`` ids are prefilled (and compressed), the
+    rest scored; ``batch_size`` windows at a time, one prefill for all the jobs' presses.
 
     A perplexity dataset yields one row per window with ``sample_id``, ``input_ids`` and ``context_tokens``
     (plus extras, kept in the predictions); where the windows lie is the dataset's business.
     """
-    finished = set(done["sample_id"]) if done is not None else set()
-    records = []
-    for window in tqdm(windows.to_dict("records"), desc=ctx.directory.name, unit="window", leave=False):
-        if window["sample_id"] in finished:
-            continue
-        ids = torch.tensor([list(window["input_ids"])], dtype=torch.long)
-        split = int(window["context_tokens"])
-        if ctx.max_length is not None and ids.shape[-1] > ctx.max_length:
-            raise KVBenchError(f"a perplexity window of {ids.shape[-1]} tokens is above max_context_length={ctx.max_length}; "
-                               f"use shorter windows or set max_context_length")
-        nll, n, run = generation.continuation_nll(ctx.model, ids[:, :split], ids[:, split:], ctx.press)
-        record = {k: v for k, v in window.items() if k != "input_ids"}
-        record.update(nll_sum=nll, num_tokens=n, perplexity=math.exp(nll / n))
-        record.update(_speed_row(run))
-        record["teacher_forced_seconds"] = run.extra["teacher_forced_seconds"]
-        ctx.directory.checkpoint(ctx.identity, [record])
-        records.append(record)
-    out = pd.DataFrame(records)
-    return pd.concat([done, out], ignore_index=True) if done is not None else out
+    rows_in = windows.to_dict("records")
+    for window in rows_in:
+        if ctx.max_length is not None and len(window["input_ids"]) > ctx.max_length:
+            raise KVBenchError(f"a perplexity window of {len(window['input_ids'])} tokens is above max_context_length="
+                               f"{ctx.max_length}; use shorter windows or set max_context_length")
+    progress = tqdm(total=len(rows_in), desc=ctx.jobs[0].name if len(ctx.jobs) == 1 else f"{len(ctx.jobs)} jobs",
+                    unit="window", leave=False)
+    for batch in _batches(rows_in, ctx.batch_size):
+        jobs = [job for job in ctx.jobs if not {w["sample_id"] for w in batch} <= job.finished()]
+        if jobs:
+            ids = [torch.tensor([list(w["input_ids"])], dtype=torch.long) for w in batch]
+            splits = [int(w["context_tokens"]) for w in batch]
+            scored = generation.continuations_nll(ctx.model, [i[:, :s] for i, s in zip(ids, splits)],
+                                                  [i[:, s:] for i, s in zip(ids, splits)], [j.press for j in jobs], ctx.layout)
+            for job, results in zip(jobs, scored):
+                rows = []
+                for window, (nll, n, run) in zip(batch, results):
+                    if window["sample_id"] in job.finished():
+                        continue
+                    record = {k: v for k, v in window.items() if k != "input_ids"}
+                    record.update(nll_sum=nll, num_tokens=n, perplexity=math.exp(nll / n))
+                    record.update(_speed_row(run))
+                    record["teacher_forced_seconds"] = run.extra["teacher_forced_seconds"]
+                    rows.append(record)
+                job.directory.checkpoint(job.identity, rows)
+                job.records.extend(rows)
+        progress.update(len(batch))
+    progress.close()
+
+
+def _predictions(job: Job, data: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(job.records)
+    if job.done is not None:
+        out = pd.concat([job.done, out], ignore_index=True)
+    order = {sid: i for i, sid in enumerate(data["sample_id"])}
+    return out.sort_values("sample_id", key=lambda s: s.map(order)).reset_index(drop=True)
 
 
 def sample_counts(predictions: pd.DataFrame) -> dict:
@@ -293,62 +359,112 @@ def expected_identity(cfg: DictConfig) -> dict:
     return run_identity(identity_cfg, dtype=str(dtype).removeprefix("torch."), device_type=device.type)
 
 
-def execute(cfg: DictConfig, variant: str = "") -> dict:
-    """Run one configuration, or reuse its finished result when the recorded identity matches; return its metrics.
+def prefill_group_key(cfg: DictConfig) -> str:
+    """What jobs must share to share one prefill: the run identity without the press and how much it removes."""
+    identity = expected_identity(cfg)
+    config = {k: v for k, v in identity["config"].items() if k not in ("press", "compression_ratio", "budget")}
+    return json.dumps({**identity, "config": config}, sort_keys=True, default=str)
 
-    Everything that can be refused (names, values, lengths, the logger) is checked before anything is written.
-    Two processes given the same configuration at once: one computes under the run's lock, the other waits and
-    then reuses the result.
-    """
+
+def _prepare(cfg: DictConfig, variant: str) -> Job:
+    """Everything that can be refused (names, values, lengths, the logger) is checked here, before anything is
+    written."""
     validate(cfg)
     logger = check_logger(cfg)
     identity = expected_identity(cfg)
     ratio = 0.0 if cfg.press.name == "no_press" else float(cfg.compression_ratio)
     name = run_name(cfg.dataset.name, cfg.model.name, cfg.press.name, ratio, variant)
-    directory = RunDirectory(cfg.output_dir, name)
-    lock = directory.lock()
+    return Job(cfg, variant, name, RunDirectory(cfg.output_dir, name), identity, logger)
+
+
+def _acquire(job: Job) -> None:
+    lock = job.directory.lock()
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"[kvbench] {name}: another process is computing this configuration; waiting for it")
+        print(f"[kvbench] {job.name}: another process is computing this configuration; waiting for it")
         lock.acquire()
+
+
+def execute(cfg: DictConfig, variant: str = "") -> dict:
+    """Run one configuration, or reuse its finished result when the recorded identity matches; return its metrics.
+
+    Two processes given the same configuration at once: one computes under the run's lock, the other waits and
+    then reuses the result.
+    """
+    return execute_many([(cfg, variant)])[0]
+
+
+def execute_many(configs: list[tuple[DictConfig, str]]) -> list[dict]:
+    """Run configurations that differ only in press and ratio over one prefill per sample; one metrics dict each.
+
+    Each still gets its own ordinary result directory, identity, checkpoint and lock, exactly as if run alone
+    (configurations naming one directory, such as no_press at several ratios, are computed once). Finished ones
+    are reused; the rest are computed together.
+    """
+    jobs = [_prepare(cfg, variant) for cfg, variant in configs]
+    if len({prefill_group_key(job.cfg) for job in jobs}) > 1:
+        raise KVBenchError("execute_many takes configurations that differ only in press, compression_ratio and budget; "
+                           "group the others apart (the shared_prefill launcher does)")
+    unique = list({job.name: job for job in jobs}.values())
+    results: dict[str, dict] = {}
+    held = []
     try:
-        if directory.is_complete() and not cfg.overwrite:
-            directory.check_identity(identity)
-            print(f"[kvbench] {name}: already complete in {directory.path} (overwrite=true to rerun)")
-            return directory.metrics()
-        return _compute(cfg, variant, name, directory, identity, logger)
+        for job in sorted(unique, key=lambda j: j.name):  # one order for every process: no deadlock
+            _acquire(job)
+            held.append(job)
+        pending = []
+        for job in unique:
+            if job.directory.is_complete() and not job.cfg.overwrite:
+                job.directory.check_identity(job.identity)
+                print(f"[kvbench] {job.name}: already complete in {job.directory.path} (overwrite=true to rerun)")
+                results[job.name] = job.directory.metrics()
+            else:
+                pending.append(job)
+        if pending:
+            results.update(_compute(pending))
     finally:
-        lock.release()
+        for job in held:
+            job.directory.lock().release()
+    return [results[job.name] for job in jobs]
 
 
-def _compute(cfg: DictConfig, variant: str, name: str, directory: RunDirectory, identity: dict, logger: str) -> dict:
+def _compute(jobs: list[Job]) -> dict[str, dict]:
     start = time.perf_counter()
+    cfg = jobs[0].cfg
     model, tokenizer = get_model(cfg, cfg.device)
-    identity["dtype"] = str(model.dtype).removeprefix("torch.")  # the model's actual dtype is what counts
     torch.manual_seed(int(cfg.seed))
-    press = build_press(cfg.press.name, **press_params(cfg))
-    ctx = RunContext(cfg, model, tokenizer, press, directory, length_limit(cfg, model), identity)
+    for job in jobs:
+        job.identity["dtype"] = str(model.dtype).removeprefix("torch.")  # the model's actual dtype is what counts
+        job.press = build_press(job.cfg.press.name, **press_params(job.cfg))
+        job.done = None if job.cfg.overwrite else job.directory.load_checkpoint(job.identity)
+        if job.done is not None:
+            print(f"[kvbench] {job.name}: resuming after {len(job.done)} finished samples")
+        elif job.cfg.overwrite and job.directory.partial.exists():
+            shutil.rmtree(job.directory.partial, ignore_errors=True)  # a rerun starts afresh, never appends to old rows
+    ctx = RunContext(cfg, model, tokenizer, jobs, length_limit(cfg, model))
     data = load_dataset(cfg.dataset.name, cfg.dataset, tokenizer)
-    done = None if cfg.overwrite else directory.load_checkpoint(identity)
-    if done is not None:
-        print(f"[kvbench] {name}: resuming after {len(done)} finished samples")
-    elif cfg.overwrite and directory.partial.exists():
-        shutil.rmtree(directory.partial, ignore_errors=True)  # a rerun starts afresh, never appends to old rows
     kind = dataset_kind(cfg.dataset.name)
-    predictions = perplexity_predictions(ctx, data, done) if kind == "perplexity" else generate_predictions(ctx, data, done)
+    (perplexity_predictions if kind == "perplexity" else generate_predictions)(ctx, data)
+    # The baseline first: perplexity runs compare themselves with the finished no_press run.
+    ordered = sorted(jobs, key=lambda job: job.cfg.press.name != "no_press")
+    return {job.name: _finish(job, _predictions(job, data), kind, ctx, start, len(jobs)) for job in ordered}
+
+
+def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, start: float, group_size: int) -> dict:
+    cfg = job.cfg
     ratio = 0.0 if cfg.press.name == "no_press" else float(cfg.compression_ratio)
     scorer = metrics_module(cfg.dataset.name)
     metrics = {"score": None, **scorer.compute(predictions)}
     metrics.update(
-        run_name=name,
+        run_name=job.name,
         dataset=cfg.dataset.name,
         model=cfg.model.name,
         press=cfg.press.name,
         compression_ratio=ratio,
         budget=cfg.get("budget"),
         query_aware=bool(cfg.query_aware),
-        variant=variant,
+        variant=job.variant,
         kind=kind,
         higher_is_better=higher_is_better(cfg.dataset.name),
         max_context_length=ctx.max_length,
@@ -356,17 +472,18 @@ def _compute(cfg: DictConfig, variant: str, name: str, directory: RunDirectory, 
         short_contexts=int(predictions["short_context"].sum()) if "short_context" in predictions else 0,
         speed=summarize_speed(predictions),
         wall_seconds=time.perf_counter() - start,
-        device=str(model.device),
+        jobs_sharing_prefill=group_size,
+        device=str(ctx.model.device),
     )
     if kind == "perplexity" and cfg.press.name != "no_press" and hasattr(scorer, "compare_to_baseline"):
-        baseline = _baseline_metrics(cfg, variant)
+        baseline = _baseline_metrics(cfg, job.variant)
         if baseline is not None:
             metrics.update(scorer.compare_to_baseline(metrics, baseline))
-    staging = directory.staging()
+    staging = job.directory.staging()
     if hasattr(scorer, "write_artifacts"):
         scorer.write_artifacts(predictions, staging)
-    path = directory.finalize(staging, predictions, metrics, cfg, identity, overwrite=bool(cfg.overwrite))
-    if logger == "wandb":
+    path = job.directory.finalize(staging, predictions, metrics, cfg, job.identity, overwrite=bool(cfg.overwrite))
+    if job.logger == "wandb":
         from kvbench.tracking import log_run
 
         log_run(cfg, metrics, predictions, path)

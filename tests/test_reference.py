@@ -1,5 +1,10 @@
 """Every press kvbench shares with kvpress 0.5.5 against that reference's own outputs.
 
+``streaming_llm_rerotated`` is kvbench's streaming_llm with key_rerotation=true against kvpress'
+KeyRerotationPress(StreamingLLMPress): same kept pairs as the plain press, but the logits check that the kept keys
+were moved to contiguous positions and that the question continues at the compressed length. observed_attention
+runs with eager attention on both sides (it scores the attention weights).
+
 The fixtures (kept positions per layer and head, logits of a question after compression) were produced by
 kvpress itself in a throw-away environment by tests/reference/make_fixtures.py, on a tiny random GQA Llama
 and on the packaged SmolLM2, at ratios 0.25, 0.5 and 0.875. Deterministic presses must keep exactly the same
@@ -27,7 +32,7 @@ def _below_window(name: str, key: str) -> bool:
     """SnapKV-based presses whose budget is smaller than the window: a documented, deliberate difference."""
     press_name, ratio = key.split("/")
     n_kept = int(int(compare.fixture(name)["context_length"]) * (1 - float(ratio)))
-    return "snapkv" in press_name and n_kept < WINDOW
+    return ("snapkv" in press_name or press_name == "pyramidkv") and n_kept < WINDOW
 
 
 def check(name: str, key: str, **params) -> None:
@@ -65,17 +70,26 @@ def test_packaged_smollm2_matches_kvpress(key):
     check("smollm2", key)
 
 
+SHARED = ("knorm", "streaming_llm", "snapkv", "adakv_snapkv", "expected_attention", "compactor", "adakv_compactor",
+          "critical_snapkv", "critical_adakv_snapkv", "critical_expected_attention", "critical_adakv_expected_attention",
+          "pyramidkv", "tova", "keydiff", "observed_attention", "streaming_llm_rerotated")
+
+
 def test_fixtures_cover_every_shared_press_and_ratio():
-    expected = {f"{p}/{r}" for p in ("knorm", "streaming_llm", "snapkv", "adakv_snapkv", "expected_attention", "compactor",
-                                     "adakv_compactor", "critical_snapkv", "critical_adakv_snapkv") for r in (0.25, 0.5, 0.875)}
+    expected = {f"{p}/{r}" for p in SHARED for r in (0.25, 0.5, 0.875)}
     for name in ("tiny_llama_gqa", "smollm2"):
         assert set(_cases(name)) == expected, name
 
 
 def test_the_comparison_catches_a_wrong_press():
     """The check fails when kvbench's press deviates: AdaKV with uniform budgets (a safeguard of 1), Expected Attention
-    with its sinks inside the softmax (the behaviour this suite was written to catch)."""
+    with its sinks inside the softmax (the behaviour this suite was written to catch), PyramidKV without its pyramid,
+    StreamingLLM's kept keys left at their original positions."""
     with pytest.raises(AssertionError, match="kept pairs differ"):
         check("tiny_llama_gqa", "adakv_snapkv/0.5", alpha_safeguard=1.0)
     with pytest.raises(AssertionError, match="kept pairs differ"):
         check("tiny_llama_gqa", "expected_attention/0.5", n_sink=0)
+    with pytest.raises(AssertionError, match="kept pairs differ"):
+        check("tiny_llama_gqa", "pyramidkv/0.5", beta=1)  # a flat pyramid: SnapKV's uniform budgets
+    with pytest.raises(AssertionError, match="not close"):
+        check("tiny_llama_gqa", "streaming_llm_rerotated/0.5", key_rerotation=False)  # same pairs, old positions

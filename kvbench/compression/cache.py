@@ -1,10 +1,18 @@
 """Compressed cache layers: fewer stored tokens, same positions.
 
-After compression a layer stores ``n_kept`` tokens but the sequence is still ``L`` long. ``CompressedLayer``
-reports the logical length (so later tokens get positions L, L+1, ... whether or not the caller passes
-them) and tells the mask builders the physical length with an offset of ``L - n_kept`` (so causal masks
-over new tokens stay exact). Head-adaptive selections keep a per-head ``head_mask`` over the compressed
-part, applied by ``kvbench.compression.head_mask``.
+Two layouts, both keeping the sequence ``L`` tokens long for position purposes:
+
+- ``CompressedLayer`` (dense): every head keeps the same number of tokens, ``[batch, kv_heads, n_kept, dim]``.
+  It reports the logical length (so later tokens get positions L, L+1, ...) and tells the mask builders the
+  physical length with an offset of ``L - n_kept``, so the model's own attention (eager, sdpa, flash) runs
+  unchanged. With ``head_mask`` it is the *masked* head-adaptive layout: each head padded to the layer's
+  longest head, the padding hidden by a per-head mask (kept for comparison; it stores up to the longest
+  head's count for every head).
+- ``PackedLayer``: each (sequence, head) keeps its own count. The compressed context is one packed block
+  ``[sum of counts, dim]`` with per-(sequence, head) ``lengths``; tokens that arrive later go to a dense
+  ``[batch, kv_heads, T, dim]`` tail (``keys``/``values``, appended to as in any dynamic layer), so nothing is
+  re-packed per step. ``kvbench.compression.packed_attention`` attends to both parts and merges them by
+  log-sum-exp. It serves head-adaptive presses and batches of contexts of different lengths.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ class CompressedLayer(DynamicLayer):
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self.removed = removed
-        self.head_mask = head_mask  # [batch, kv_heads, n_compressed] bool for head-adaptive layers, else None
+        self.head_mask = head_mask  # [batch, kv_heads, n_compressed] bool for the masked layout, else None
 
     def get_seq_length(self) -> int:
         return self.keys.shape[-2] + self.removed
@@ -34,10 +42,66 @@ class CompressedLayer(DynamicLayer):
         return self.keys.shape[-2] + query_length, self.removed
 
     def kept_pairs(self) -> int:
-        """(head, token) pairs a query can attend to; below the stored count for head-adaptive layers."""
+        """(head, token) pairs a query can attend to; below the stored count for the masked layout."""
         b, h, n, _ = self.keys.shape
         hidden = 0 if self.head_mask is None else int((~self.head_mask).sum())
         return b * h * n - hidden
+
+
+class TailValidity:
+    """Which tail slots hold real tokens, ``[batch, T]``, shared by every packed layer of one cache.
+
+    Contexts of a batch get questions of different lengths; the shorter ones are left-padded in the tail and
+    those slots must stay invisible to every later query. The generation loop appends one column per new token
+    (``append``) before the forward call that writes them.
+    """
+
+    def __init__(self, batch: int, device: torch.device):
+        self.valid = torch.ones(batch, 0, dtype=torch.bool, device=device)
+
+    def append(self, valid: torch.Tensor) -> None:
+        self.valid = torch.cat([self.valid, valid.to(self.valid.device, torch.bool)], dim=-1)
+
+    def truncate(self, length: int) -> None:
+        self.valid = self.valid[:, :length]
+
+
+class PackedLayer(DynamicLayer):
+    """A compressed context stored per (sequence, head): ``packed_keys``/``packed_values`` ``[N, dim]`` in
+    (sequence, head, position) order, ``lengths`` ``[batch, kv_heads]`` tokens each; ``keys``/``values`` are
+    the dense tail of tokens appended since. ``context_length`` is the logical length the positions of later
+    tokens continue from (for batch size 1; batched callers pass position ids)."""
+
+    def __init__(self, packed_keys: torch.Tensor, packed_values: torch.Tensor, lengths: torch.Tensor, context_length: int,
+                 tail_validity: TailValidity | None = None):
+        super().__init__()
+        b, h = lengths.shape
+        d_k, d_v = packed_keys.shape[-1], packed_values.shape[-1]
+        self.packed_keys, self.packed_values, self.lengths = packed_keys, packed_values, lengths
+        self.keys = packed_keys.new_empty(b, h, 0, d_k)
+        self.values = packed_values.new_empty(b, h, 0, d_v)
+        self.dtype, self.device = packed_keys.dtype, packed_keys.device
+        self.is_initialized = True
+        self.context_length = context_length
+        self.tail_validity = tail_validity
+
+    def get_seq_length(self) -> int:
+        return self.context_length + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # The model's mask is not used for packed layers (packed_attention builds its own); these sizes only have
+        # to be consistent for the mask builders: the tail plus the new tokens.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        return self.keys.shape[-2] + query_length, 0
+
+    def kept_pairs(self) -> int:
+        return int(self.lengths.sum())
+
+    def offsets(self) -> torch.Tensor:
+        """Start of each (sequence, head) in the packed block, ``[batch, kv_heads]``."""
+        flat = self.lengths.flatten()
+        return (flat.cumsum(0) - flat).view_as(self.lengths)
 
 
 def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -45,8 +109,8 @@ def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def compress_layer(keys: torch.Tensor, values: torch.Tensor, chosen: Selection) -> CompressedLayer:
-    """Store only what the selection keeps. Head-adaptive: each head's tokens padded to the largest
-    per-head count, the padding hidden by the head mask."""
+    """Dense layout: store only what the selection keeps. Head-adaptive selections give the masked layout (each
+    head's tokens padded to the largest per-head count, the padding hidden by the head mask)."""
     seq_len = keys.shape[-2]
     head_mask = None
     if chosen.head_adaptive:
@@ -60,14 +124,29 @@ def compress_layer(keys: torch.Tensor, values: torch.Tensor, chosen: Selection) 
     return CompressedLayer(_gather(keys, indices), _gather(values, indices), seq_len - indices.shape[-1], head_mask)
 
 
+def pack_layer(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, context_length: int,
+               tail_validity: TailValidity | None = None) -> PackedLayer:
+    """Packed layout from a ``[batch, kv_heads, seq]`` kept mask: boolean indexing walks (sequence, head, position)
+    in order, which is exactly the packed order."""
+    return PackedLayer(keys[kept], values[kept], kept.sum(dim=-1), context_length, tail_validity)
+
+
 def layer_of(cache, layer_idx: int):
     if isinstance(cache, Cache) and layer_idx < len(cache.layers):
         return cache.layers[layer_idx]
     return None
 
 
+def layer_bytes(layer) -> int:
+    """Every tensor the layer holds: keys and values, and for compressed layers their masks, lengths, tails."""
+    return sum(v.nbytes for v in vars(layer).values() if isinstance(v, torch.Tensor))
+
+
 def kv_bytes(cache: Cache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+    """Bytes the cache holds, all tensors counted (the shared tail-validity mask once)."""
+    total = sum(layer_bytes(layer) for layer in cache.layers if getattr(layer, "keys", None) is not None)
+    validities = {id(v): v for v in (getattr(layer, "tail_validity", None) for layer in cache.layers) if v is not None}
+    return total + sum(v.valid.nbytes for v in validities.values())
 
 
 def stored_lengths(cache: Cache) -> list[int]:
@@ -78,3 +157,6 @@ def truncate(cache: Cache, lengths: list[int]) -> None:
     """Drop everything appended after ``stored_lengths`` was taken (restores a shared compressed context)."""
     for layer, n in zip(cache.layers, lengths):
         layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        validity = getattr(layer, "tail_validity", None)
+        if validity is not None:
+            validity.truncate(n)

@@ -1,11 +1,14 @@
-"""Per-head masking for head-adaptive caches, in every attention implementation.
+"""Routing attention calls that read a head-adaptive cache layer, in every attention implementation.
 
-A head-adaptive layer stores each head's kept tokens padded to a common length; the padding must get zero
-attention. The masks transformers builds are shared by all heads, so a forward pre-hook on each attention
-module replaces them with a ``[batch, heads, q, kv]`` additive mask when the layer it reads from carries a
-``head_mask``. eager and sdpa take such a mask; flash-attention kernels cannot, so for those layers the call
-is routed through sdpa (same math). The hooks are installed once per model and stay: the compressed cache
-outlives ``kvbench.compress``, and for ordinary caches the hook returns at its first check.
+- A ``PackedLayer`` (the default head-adaptive layout, and every layer of a batch of contexts): the call goes to
+  ``kvbench.compression.packed_attention``, which attends to the packed per-head context and the dense tail.
+- The masked layout (``CompressedLayer`` with a ``head_mask``: each head padded to a common length): the masks
+  transformers builds are shared by all heads, so the call gets a ``[batch, heads, q, kv]`` additive mask
+  instead. eager and sdpa take such a mask; flash-attention kernels cannot, so the call goes through sdpa.
+
+A forward pre-hook on each attention module switches the implementation for that call and a post-hook
+switches it back. The hooks are installed once per model and stay: the compressed cache outlives
+``kvbench.compress``, and for ordinary caches the hook returns at its first check.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 from torch import nn
 
 from kvbench import model_access
-from kvbench.compression.cache import CompressedLayer, layer_of
+from kvbench.compression import packed_attention
+from kvbench.compression.cache import CompressedLayer, PackedLayer, layer_of
 
 MASKABLE = ("eager", "sdpa")
 _FLAG = "_kvbench_head_mask_hooks"
@@ -42,18 +46,25 @@ def per_head_mask(layer: CompressedLayer, q_len: int, incoming: torch.Tensor | N
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def _route(module: nn.Module, implementation: str) -> None:
+    module._kvbench_routed_from = module.config._attn_implementation
+    module.config._attn_implementation_internal = implementation
+
+
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     layer = layer_of(model_access.cache_from_kwargs(kwargs), module.layer_idx)
+    if isinstance(layer, PackedLayer):
+        module._kvbench_packed_layer = layer
+        _route(module, packed_attention.NAME)
+        return None
     if not isinstance(layer, CompressedLayer) or layer.head_mask is None:
         return None
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     kwargs["attention_mask"] = per_head_mask(
         layer, hidden.shape[1], kwargs.get("attention_mask"), model_access.num_heads(module), hidden.dtype
     )
-    implementation = module.config._attn_implementation
-    if implementation not in MASKABLE:
-        module._kvbench_routed_from = implementation
-        module.config._attn_implementation_internal = "sdpa"
+    if module.config._attn_implementation not in MASKABLE:
+        _route(module, "sdpa")
     return args, kwargs
 
 
@@ -62,10 +73,12 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     if routed_from is not None:
         module.config._attn_implementation_internal = routed_from
         module._kvbench_routed_from = None
+    module._kvbench_packed_layer = None
     return output
 
 
 def install(model: nn.Module) -> None:
+    packed_attention.register()
     for module in attention_modules(model):
         if getattr(module, _FLAG, False):
             continue

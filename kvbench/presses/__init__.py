@@ -15,8 +15,12 @@ from kvbench.presses.base import LayerState, Press
 from kvbench.presses.compactor import CompactorPress
 from kvbench.presses.criticalkv import CriticalAdaKVPress, CriticalKVPress
 from kvbench.presses.expected_attention import ExpectedAttentionPress
+from kvbench.presses.keydiff import KeyDiffPress
+from kvbench.presses.observed_attention import ObservedAttentionPress
+from kvbench.presses.pyramidkv import PyramidKVPress
 from kvbench.presses.simple import KnormPress, NoPress, RandomPress, StreamingLLMPress
 from kvbench.presses.snapkv import SnapKVPress
+from kvbench.presses.tova import TOVAPress
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,22 @@ PRESSES: dict[str, PressEntry] = {
     "critical_snapkv": PressEntry(SnapKVPress, CriticalKVPress, description="CriticalKV two-stage around SnapKV"),
     "critical_adakv_snapkv": PressEntry(
         SnapKVPress, CriticalAdaKVPress, description="CriticalKV inside AdaKV budgets around SnapKV"
+    ),
+    # kvpress' leaderboard runs Expected Attention under CriticalKV without its own value-norm rescaling (CriticalKV
+    # rescales by the projected value norm instead). ``epsilon`` is CriticalKV's; Expected Attention only reads its
+    # own epsilon when use_vnorm=true.
+    "critical_expected_attention": PressEntry(
+        ExpectedAttentionPress, CriticalKVPress, {"use_vnorm": False}, "CriticalKV two-stage around Expected Attention"
+    ),
+    "critical_adakv_expected_attention": PressEntry(
+        ExpectedAttentionPress, CriticalAdaKVPress, {"use_vnorm": False},
+        "CriticalKV inside AdaKV budgets around Expected Attention",
+    ),
+    "pyramidkv": PressEntry(PyramidKVPress, description="SnapKV votes, pyramid budgets shrinking with depth"),
+    "tova": PressEntry(TOVAPress, description="attention of the last context token, one ranking per layer"),
+    "keydiff": PressEntry(KeyDiffPress, description="keep keys least similar to the mean key"),
+    "observed_attention": PressEntry(
+        ObservedAttentionPress, description="mean attention received during prefill (needs eager attention)"
     ),
 }
 

@@ -30,6 +30,9 @@ class LayerState:
     cos: torch.Tensor  # rotary tables of the context positions, [batch, seq, rotary_dim]
     sin: torch.Tensor
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # positions [1, n] -> (cos, sin) [1, n, r]
+    # softmax attention of every context query, [batch, heads, seq, seq]: only when the attention implementation
+    # returns it (eager); None under sdpa / flash attention
+    attention_weights: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -71,6 +74,12 @@ class Press:
         where the press cannot compress.
         """
         return None
+
+    @property
+    def rerotates_keys(self) -> bool:
+        """True when the kept keys are re-rotated to the contiguous positions 0..n_kept-1, so the cache forgets
+        the removed tokens and later tokens continue at position n_kept (StreamingLLM's rolling cache)."""
+        return False
 
     def score(self, state: LayerState) -> torch.Tensor:
         """Return ``[batch, kv_heads, seq]`` scores, higher = keep."""

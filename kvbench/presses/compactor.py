@@ -43,7 +43,9 @@ def leverage(keys: torch.Tensor, sketch_dimension: int, generator: torch.Generat
     """Approximate leverage x_i^T (X^T X)^-1 x_i of centred pre-RoPE keys [b, h, L, d], clamped at 0.
 
     X is sketched on the right by a Gaussian matrix drawn per (batch, head), which keeps the k x k solve cheap;
-    a small jitter on the Gram matrix keeps the Cholesky factorisation stable for rank-deficient keys.
+    a small jitter on the Gram matrix keeps the Cholesky factorisation stable for rank-deficient keys. With
+    X^T X = C C^T, x^T (X^T X)^-1 x = ||C^-1 x||^2: one k x k triangular inverse and one product over the
+    context, instead of two triangular solves with L right-hand sides.
     """
     b, h, _, d = keys.shape
     sketch = torch.randn(b, h, d, sketch_dimension, generator=generator, device=keys.device, dtype=keys.dtype)
@@ -51,8 +53,15 @@ def leverage(keys: torch.Tensor, sketch_dimension: int, generator: torch.Generat
     x = x.float()
     gram = x.transpose(-1, -2) @ x
     factor = _cholesky_with_jitter(0.5 * (gram + gram.transpose(-1, -2)))
-    solved = torch.cholesky_solve(x.transpose(-1, -2), factor)  # (X^T X)^-1 X^T, [b, h, k, L]
-    return (x * solved.transpose(-1, -2)).sum(dim=-1).clamp_min(0)
+    identity = torch.eye(sketch_dimension, device=x.device, dtype=x.dtype).expand_as(factor)
+    inverse = torch.linalg.solve_triangular(factor, identity, upper=False)  # C^-1, [b, h, k, k]
+    whitened = x @ inverse.transpose(-1, -2)  # rows C^-1 x_i, [b, h, L, k]
+    return whitened.square_().sum(dim=-1).clamp_min(0)
+
+
+# Chunks scored at once: their logits (group * chunk * chunk per KV head) stay in cache through the softmax and
+# the column sums; the whole context's logits at once would go through memory three times.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def chunked_attention_mass(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -60,16 +69,25 @@ def chunked_attention_mass(queries: torch.Tensor, keys: torch.Tensor, chunk_size
 
     The logits are plain dot products (no 1/sqrt(d)), and a last partial chunk is zero-padded to the chunk
     size, so padded keys take a zero logit and padded queries spread uniform attention over the chunk: the
-    method's published formulation, kept so rankings match it.
+    method's published formulation, kept so rankings match it. The query heads sharing a KV head are stacked
+    against that head's keys (no repeated keys), a few chunks at a time.
     """
     b, n_heads, seq_len, d = queries.shape
-    keys = keys.repeat_interleave(n_heads // keys.shape[1], dim=1)
-    padded = math.ceil(seq_len / chunk_size) * chunk_size
-    pad = (0, 0, 0, padded - seq_len)
-    q = torch.nn.functional.pad(queries, pad).view(b, n_heads, -1, chunk_size, d)
-    k = torch.nn.functional.pad(keys, pad).view(b, n_heads, -1, chunk_size, d)
-    attn = (q @ k.transpose(-1, -2)).float().softmax(dim=-1)
-    return attn.sum(dim=-2).reshape(b, n_heads, padded)[..., :seq_len]
+    kv_heads = keys.shape[1]
+    group = n_heads // kv_heads
+    n_chunks = math.ceil(seq_len / chunk_size)
+    pad = (0, 0, 0, n_chunks * chunk_size - seq_len)
+    # [b, kv, chunk, group * chunk_size, d]: the group's queries of one chunk, stacked
+    q = torch.nn.functional.pad(queries, pad).view(b, kv_heads, group, n_chunks, chunk_size, d)
+    q = q.transpose(2, 3).reshape(b, kv_heads, n_chunks, group * chunk_size, d)
+    k = torch.nn.functional.pad(keys, pad).view(b, kv_heads, n_chunks, chunk_size, d)
+    mass = queries.new_empty(b, kv_heads, n_chunks, group, chunk_size, dtype=torch.float32)
+    step = max(1, CHUNK_ELEMENTS // (b * kv_heads * group * chunk_size * chunk_size))
+    for start in range(0, n_chunks, step):
+        chunks = slice(start, start + step)
+        attn = (q[:, :, chunks] @ k[:, :, chunks].transpose(-1, -2)).float().softmax(dim=-1)
+        mass[:, :, chunks] = attn.view(*attn.shape[:3], group, chunk_size, chunk_size).sum(dim=-2)
+    return mass.transpose(2, 3).reshape(b, n_heads, n_chunks * chunk_size)[..., :seq_len]
 
 
 @dataclass

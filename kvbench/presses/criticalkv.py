@@ -3,6 +3,9 @@
 Stage one keeps the top ``first_stage_ratio`` share of the budget by the base score; stage two ranks the
 rest by ``(score + epsilon) * ||V_h W_O^h||_1``, the size of each token's contribution after the head's
 slice of the output projection (averaged over the query heads sharing a KV head).
+
+The projected norm costs about one output projection over the context, the wrapper's whole cost, so it is
+computed only where stage two reads it: stage-one tokens are kept whatever their norm.
 """
 
 from __future__ import annotations
@@ -17,19 +20,52 @@ from kvbench.presses import selection
 from kvbench.presses.adakv import WrapperPress
 from kvbench.presses.base import LayerState
 
+# Rows of the context projected at once: [rows, group * hidden] stays in the core's cache while its L1 norm is taken
+# (a whole-context product of that width is written to and read back from memory, which costs twice the product).
+NORM_BLOCK = 256
 
-def projected_value_norm(state: LayerState, block: int = 1024) -> torch.Tensor:
-    """``||v W_O^h||_1`` per (kv head, token), mean over the GQA group: [b, kv_heads, L]."""
+
+def grouped_output_weight(state: LayerState) -> torch.Tensor:
+    """The output projection per KV head, ``[kv_heads, head_dim, group, hidden]`` (fp32, contiguous).
+
+    ``weight[h, :, g]`` is query head ``h * group + g``'s slice ``W_O^q`` transposed, so ``v @ weight[h].flatten(1)``
+    projects a value through every query head of its group in one product.
+    """
+    _, kv_heads, _, d = state.values.shape
+    weight = model_access.output_projection(state.module).float()  # [hidden, H * d], columns grouped by head
+    hidden, group = weight.shape[0], weight.shape[1] // (kv_heads * d)
+    return weight.view(hidden, kv_heads, group, d).permute(1, 3, 2, 0).contiguous()
+
+
+def _row_norms(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``||v W_O^q||_1`` averaged over the query heads of ``weight`` ``[d, group, hidden]``, per row of ``values`` ``[n, d]``."""
+    group = weight.shape[1]
+    weight = weight.flatten(1)
+    out = values.new_empty(values.shape[0])
+    for start in range(0, values.shape[0], NORM_BLOCK):
+        projected = values[start : start + NORM_BLOCK] @ weight  # [rows, group * hidden]
+        out[start : start + NORM_BLOCK] = projected.abs_().view(projected.shape[0], group, -1).sum(dim=-1).mean(dim=-1)
+    return out
+
+
+def projected_value_norm(state: LayerState, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """``||v W_O^h||_1`` per (kv head, token), mean over the GQA group: [b, kv_heads, L] (fp32).
+
+    Positions where ``skip`` ([b, kv_heads, L] bool) is True are not computed and hold 0: the caller must not
+    read them (stage-one tokens, which the selection forces in).
+    """
     values = state.values.float()
-    b, kv_heads, seq_len, d = values.shape
-    weight = model_access.output_projection(state.module).float()  # [hidden, H * d]
-    n_heads = weight.shape[1] // d
-    per_head = weight.view(weight.shape[0], kv_heads, n_heads // kv_heads, d).permute(1, 2, 3, 0)  # [kv, g, d, hidden]
-    out = []
-    for start in range(0, seq_len, block):  # blocks bound memory at long contexts
-        projected = values[:, :, None, start : start + block] @ per_head  # [b, kv, g, block, hidden]
-        out.append(torch.linalg.vector_norm(projected, ord=1, dim=-1).mean(dim=2))
-    return torch.cat(out, dim=-1)
+    b, kv_heads, seq_len, _ = values.shape
+    weight = grouped_output_weight(state)
+    norms = values.new_zeros(b, kv_heads, seq_len)
+    for i in range(b):
+        for h in range(kv_heads):
+            if skip is None:
+                norms[i, h] = _row_norms(values[i, h], weight[h])
+            else:
+                rows = (~skip[i, h]).nonzero().squeeze(-1)
+                norms[i, h, rows] = _row_norms(values[i, h, rows], weight[h])
+    return norms
 
 
 @dataclass
@@ -37,13 +73,15 @@ class CriticalKVPress(WrapperPress):
     first_stage_ratio: float = 0.5
     epsilon: float = 1e-4
 
-    def rescaled(self, scores: torch.Tensor, state: LayerState) -> torch.Tensor:
-        return (scores.float() + self.epsilon) * projected_value_norm(state)
+    def rescaled(self, scores: torch.Tensor, state: LayerState, stage_one: torch.Tensor) -> torch.Tensor:
+        """Stage-two scores, with the ``stage_one`` tokens raised above everything (their norm is not computed)."""
+        norms = projected_value_norm(state, skip=stage_one)
+        return selection.forced((scores.float() + self.epsilon) * norms, stage_one)
 
     def select(self, scores: torch.Tensor, state: LayerState, n_kept: int) -> selection.Selection:
-        first = selection.topk_positions(scores, int(n_kept * self.first_stage_ratio))
+        first = scores.topk(int(n_kept * self.first_stage_ratio), dim=-1).indices
         stage_one = selection.mask_from_indices(first, scores.shape[-1])
-        return selection.uniform(selection.forced(self.rescaled(scores, state), stage_one), n_kept)
+        return selection.uniform(self.rescaled(scores, state, stage_one), n_kept)
 
 
 @dataclass
@@ -61,4 +99,6 @@ class CriticalAdaKVPress(CriticalKVPress):
         # AdaKV's safeguard tokens are the head's best base scores, so they stay in stage one even when
         # the head's first-stage share is smaller.
         first = (budgets * self.first_stage_ratio).long().clamp_min(int(n_kept * self.alpha_safeguard))
-        return selection.two_stage(scores, self.rescaled(scores, state), first, budgets)
+        # selection.two_stage, with the stage-one mask computed first so the norms can skip it
+        stage_one = selection.ranks(scores) < first[..., None]
+        return selection.Selection(mask=selection.ranks(self.rescaled(scores, state, stage_one)) < budgets[..., None])

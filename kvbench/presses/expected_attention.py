@@ -54,19 +54,23 @@ class ExpectedAttentionPress(Press):
         keys, values = state.keys[:, :, sink:].float(), state.values[:, :, sink:].float()
         q = model_access.pre_rope_queries(module, state.hidden_states[:, sink:]).float()  # [b, H, n, d]
         n_heads = q.shape[1]
+        group = n_heads // kv_heads
         mu = q.mean(dim=2)
         positions = torch.arange(seq_len, seq_len + self.n_future_positions, device=keys.device)[None]
         cos, sin = state.rotary(positions)
         rot = mean_rotation(cos[0], sin[0], d)
         mu = mu @ rot.T
-        k = keys.repeat_interleave(n_heads // kv_heads, dim=1)  # [b, H, L - sink, d]
-        logits = torch.einsum("bhld,bhd->bhl", k, mu) / math.sqrt(d)
+        # The query heads sharing a KV head score its keys in one product each: [b, kv, L - sink, group]
+        logits = keys @ mu.view(b, kv_heads, group, d).transpose(-1, -2) / math.sqrt(d)
         if self.use_covariance:
             centred = q - q.mean(dim=2, keepdim=True)
             cov = centred.transpose(-1, -2) @ centred / q.shape[2]
-            cov = rot @ cov @ rot.T
-            logits = logits + torch.einsum("bhld,bhde,bhle->bhl", k, cov, k) / (2 * d)
-        scores = logits.softmax(dim=-1).view(b, kv_heads, n_heads // kv_heads, -1).mean(dim=2)
+            cov = rot @ cov @ rot.T  # [b, H, d, d]
+            # k^T Sigma_h k for every query head h of the group: (k @ [Sigma_h ...]) * k, summed over d
+            stacked = cov.view(b, kv_heads, group, d, d).transpose(2, 3).reshape(b, kv_heads, d, group * d)
+            quadratic = (keys @ stacked).view(b, kv_heads, -1, group, d).mul_(keys[:, :, :, None]).sum(dim=-1)
+            logits = logits + quadratic / (2 * d)
+        scores = logits.softmax(dim=-2).mean(dim=-1)  # softmax over the keys of each query head, then group mean
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values.norm(dim=-1)
         return torch.nn.functional.pad(scores, (sink, 0), value=float("inf"))

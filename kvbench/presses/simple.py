@@ -41,9 +41,21 @@ class RandomPress(Press):
 
 @dataclass
 class StreamingLLMPress(Press):
-    """StreamingLLM (arXiv:2309.17453): attention sinks (first ``n_sink`` tokens) plus the most recent tokens."""
+    """StreamingLLM (arXiv:2309.17453): attention sinks (first ``n_sink`` tokens) plus the most recent tokens.
+
+    ``key_rerotation``: the paper's rolling cache gives the kept tokens the positions they have *in the cache*
+    (sinks at 0..n_sink-1, the recent tokens right after), so later tokens continue at the cache length instead
+    of the original context length. kvpress applies this with its KeyRerotationPress wrapper (the cache's keys
+    are re-rotated to contiguous positions and its pipeline asks the question at the compressed length); here
+    it is a switch, off by default as in kvpress' plain StreamingLLMPress.
+    """
 
     n_sink: int = 4
+    key_rerotation: bool = False
+
+    @property
+    def rerotates_keys(self) -> bool:
+        return bool(self.key_rerotation)
 
     def score(self, state: LayerState) -> torch.Tensor:
         b, h, seq_len, _ = state.keys.shape

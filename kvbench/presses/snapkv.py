@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from kvbench import model_access
 from kvbench.errors import KVBenchError
 from kvbench.presses.base import LayerState, Press
+from kvbench.presses.clustering import CLUSTERINGS, kmeans_rescore
+
+POOLINGS = ("avg", "max")
 
 
 def pool_same_length(x: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
@@ -58,21 +61,47 @@ class SnapKVPress(Press):
     A budget smaller than the window keeps the window's most recent tokens. This differs on purpose from kvpress,
     whose window tokens all tie at the top score and so keep an arbitrary subset of them; recency is the
     sensible order for tokens that are all "the question's neighbourhood".
+
+    ``clustering="kmeans"`` re-ranks the context outside the window for diversity (``kvbench.presses.clustering``:
+    k-means over each head's keys into ``n_clusters`` clusters, the budget shared between clusters in proportion
+    to their vote mass). The scores keep the head's vote values, so every selection keeps as many tokens per
+    head as with ``"topk"``; ``"topk"`` is SnapKV as published. Subclasses that change the votes override
+    ``votes`` and inherit the clustering.
     """
 
     window_size: int = 64
     kernel_size: int = 5
     pooling: str = "avg"
+    clustering: str = "topk"
+    n_clusters: int = 8
+    kmeans_iterations: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pooling not in POOLINGS:
+            raise KVBenchError(f"unknown pooling '{self.pooling}'; use one of: {', '.join(POOLINGS)}")
+        if self.clustering not in CLUSTERINGS:
+            raise KVBenchError(f"unknown clustering '{self.clustering}'; use one of: {', '.join(CLUSTERINGS)}")
+        for name, low in (("n_clusters", 1), ("kmeans_iterations", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise KVBenchError(f"{name} must be an integer >= {low}, got {value!r}")
 
     @property
     def window(self) -> int | None:
         return self.window_size
 
+    def votes(self, state: LayerState, window: int) -> torch.Tensor:
+        """Pooled votes of the context before the window, ``[batch, kv_heads, seq - window]`` (GQA groups averaged)."""
+        votes = window_votes(state, window)[..., : state.seq_len - window]
+        return pool_same_length(votes, self.kernel_size, self.pooling).mean(dim=2)
+
     def score(self, state: LayerState) -> torch.Tensor:
         seq_len = state.seq_len
         window = min(self.window_size, seq_len)
-        votes = window_votes(state, window)[..., : seq_len - window]
-        votes = pool_same_length(votes, self.kernel_size, self.pooling).mean(dim=2)
+        votes = self.votes(state, window)
+        if self.clustering == "kmeans":
+            votes = kmeans_rescore(votes, state.keys[..., : seq_len - window, :], self.n_clusters, self.kmeans_iterations)
         # The window is always kept; a ramp above any attention mass prefers its most recent tokens
         # when the budget is smaller than the window.
         ramp = 2.0 + torch.arange(window, device=votes.device, dtype=votes.dtype) / window

@@ -25,6 +25,10 @@ from transformers import DynamicCache
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RANDOM_SKETCH = ("compactor", "adakv_compactor")
+# Fixture entries that are a registry press with other parameters (name -> registry name, parameters)
+VARIANTS = {"streaming_llm_rerotated": ("streaming_llm", {"key_rerotation": True})}
+# Presses that score the attention weights the layer computed: run (on both sides) with eager attention
+EAGER = ("observed_attention",)
 
 
 @dataclass
@@ -39,16 +43,18 @@ def fixture(name: str) -> dict[str, np.ndarray]:
         return dict(data)
 
 
-@lru_cache(maxsize=2)
-def model_for(name: str):
+@lru_cache(maxsize=4)
+def model_for(name: str, attn_implementation: str = "sdpa"):
     if name == "smollm2":
         from kvbench.models import ModelSpec, load_model
 
-        model, _ = load_model(ModelSpec("smollm2-135m", dtype="float32", attn_implementation="sdpa", device="cpu"))
+        spec = ModelSpec("smollm2-135m", dtype="float32", attn_implementation=attn_implementation, device="cpu")
+        model, _ = load_model(spec)
         return model
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float32,
+                                                attn_implementation=attn_implementation).eval()
 
 
 def reference(name: str, key: str) -> Outcome:
@@ -71,8 +77,10 @@ def reference_seeds(name: str, key: str) -> list[str]:
 @torch.no_grad()
 def kvbench_outcome(name: str, press_name: str, ratio: float, **params) -> Outcome:
     """kvbench's kept pairs (captured from the press' own selection) and question logits over its cache."""
-    data, model = fixture(name), model_for(name)
-    press = kvbench.build_press(press_name, compression_ratio=ratio, **params)
+    data = fixture(name)
+    model = model_for(name, "eager" if press_name in EAGER else "sdpa")
+    registry_name, variant = VARIANTS.get(press_name, (press_name, {}))
+    press = kvbench.build_press(registry_name, compression_ratio=ratio, **{**variant, **params})
     masks: dict[int, torch.Tensor] = {}
     select = press.select
 

@@ -1,0 +1,124 @@
+"""The speed benchmark on a tiny random Llama (``--model random:<dir with config.json>``): the CSV holds every
+row and column, cache bytes follow the ratio, the decode length is honoured, plots are drawn, bad input is
+refused before anything is written, and the memory-bound arithmetic matches a real cache."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from kvbench.benchmark import bound
+from kvbench.benchmark.__main__ import main
+from kvbench.benchmark.configs import RANDOM_CONFIGS
+from kvbench.benchmark.model_source import resolve_source
+from tests.tiny_models import tiny_model
+
+COLUMNS = {"context_length", "press", "ratio", "prefill_seconds", "compression_seconds", "ttft_seconds",
+           "decode_ms_per_token", "decoded_tokens", "kv_bytes", "kv_bytes_uncompressed", "kv_kept_fraction",
+           "peak_memory_bytes", "device_name", "dtype", "model", "torch_version", "transformers_version"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").config.save_pretrained(folder)  # max_position_embeddings 1024
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tiny_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    code = main(["--model", f"random:{tiny_config}", "--context-lengths", "96,160", "--presses", "no_press,snapkv,adakv_snapkv",
+                 "--ratios", "0,0.5", "--decode-tokens", "5", "--device", "cpu", "--out", str(out), "--bandwidth-gbps", "100"])
+    assert code == 0
+    return out, pd.read_csv(out / "speed.csv")
+
+
+def test_csv_rows_and_columns(run):
+    _, df = run
+    assert COLUMNS <= set(df.columns)
+    # no_press ignores the ratio: one row per length; the others one per (length, ratio)
+    assert len(df) == 2 * (1 + 2 + 2)
+    assert set(df[df["press"] == "no_press"]["ratio"]) == {0.0}
+    assert (df["decoded_tokens"] == 5).all()
+    assert (df["decode_ms_per_token"] > 0).all() and (df["ttft_seconds"] >= df["prefill_seconds"]).all()
+    assert df["dtype"].eq("float32").all() and df["peak_memory_bytes"].isna().all()  # CPU: no per-run peak
+
+
+def test_cache_bytes_follow_the_ratio(run):
+    _, df = run
+    for length, rows in df.groupby("context_length"):
+        full = rows[rows["press"] == "no_press"]["kv_bytes"].item()
+        assert full == rows["kv_bytes_uncompressed"].max()
+        snap = rows[(rows["press"] == "snapkv")].set_index("ratio")
+        assert snap.loc[0.0, "kv_bytes"] == full and snap.loc[0.0, "measured_with"] == "no_press"
+        assert snap.loc[0.5, "kv_bytes"] / full == pytest.approx(0.5, abs=0.02)
+        ada = rows[(rows["press"] == "adakv_snapkv") & (rows["ratio"] == 0.5)]
+        assert ada["kv_kept_fraction"].item() == pytest.approx(0.5, abs=0.02)
+        assert ada["kv_bytes"].item() < full
+
+
+def test_plots_written(run):
+    out, _ = run
+    for name in ("decode_ms_per_token.png", "cache_bytes.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_bound_column_uses_measured_cache(run, tiny_config):
+    _, df = run
+    config = resolve_source(f"random:{tiny_config}").config
+    weights = bound.weight_bytes_per_step(config, torch.float32)
+    expected = (weights + df["kv_bytes"]) / 100e9 * 1e3
+    assert df["memory_bound_ms_per_token"].tolist() == pytest.approx(expected.tolist())
+
+
+def test_kv_bytes_per_token_matches_a_real_cache(run, tiny_config):
+    _, df = run
+    config = resolve_source(f"random:{tiny_config}").config
+    row = df[df["press"] == "no_press"].iloc[0]
+    context = row["context_length"] - row["question_tokens"]
+    assert row["kv_bytes"] == context * bound.kv_bytes_per_token(config, torch.float32)
+
+
+def test_llama_8b_figures():
+    config = resolve_source("random:llama-3.1-8b").config
+    assert RANDOM_CONFIGS["llama-3.1-8b"]["num_key_value_heads"] == 8
+    assert bound.kv_bytes_per_token(config, torch.bfloat16) == 2 * 32 * 8 * 128 * 2
+    # 8.03 B parameters, less the untied input embedding (128256 x 4096) but for the one row looked up
+    assert bound.weight_bytes_per_step(config, torch.bfloat16) == (8_030_261_248 - 128_255 * 4096) * 2
+    table = bound.bound_table(config, torch.bfloat16, [8192], [0.0, 0.75], 3350.0).set_index("ratio")
+    assert table.loc[0.0, "kept_kv_bytes"] == 2**30 and table.loc[0.75, "kept_kv_bytes"] == 2**28
+    assert table.loc[0.0, "bound_ms_per_token"] == pytest.approx((15_009_857_536 + 2**30) / 3.35e9)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--presses", "snapkv,nope"], "unknown press 'nope'"),
+    (["--ratios", "0,1.0"], "outside [0, 1)"),
+    (["--ratios", "half"], "comma-separated floats"),
+    (["--context-lengths", "2048"], "above the model's max_position_embeddings=1024"),
+    (["--decode-tokens", "1"], "at least 2"),
+])
+def test_bad_input_refused_before_writing(tiny_config, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    code = main(["--model", f"random:{tiny_config}", "--context-lengths", "96", "--device", "cpu", "--out", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["./no/such/model", "random:./no/such/model"])
+def test_missing_model_folder_refused(tmp_path, capsys, model):
+    out = tmp_path / "out"
+    assert main(["--model", model, "--out", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+
+
+def test_bound_only_prints_computed_figures_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--model", "random:llama-3.1-8b", "--dtype", "bfloat16", "--device", "cpu", "--context-lengths", "8192",
+                 "--ratios", "0,0.75", "--bandwidth-gbps", "3350", "--bound-only", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "computed, not measured" in text
+    assert "4.801" in text and "4.561" in text  # (15.01 GB + 1.07 GB or 0.27 GB of kept KV) / 3.35 TB/s
+    assert not out.exists()
