@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvbench-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data browser run test test-floor bench leaderboard clean-results
+.PHONY: setup data browser run test test-floor bench bench-speed leaderboard clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,6 +53,9 @@ test-floor:
 
 bench: setup
 	$(PY) benchmarks/press_overhead.py
+
+bench-speed: setup
+	$(PY) -m kvbench.benchmark --model smollm2-135m --context-lengths 1024,2048,4096 --presses no_press,snapkv,adakv_snapkv,expected_attention --ratios 0,0.5,0.75 --decode-tokens 32 --out results/speed
 
 leaderboard: setup
 	$(PY) -m kvbench.leaderboard results

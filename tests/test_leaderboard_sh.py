@@ -91,11 +91,27 @@ def test_standard_sweep_is_three_multiruns_then_the_leaderboard(tmp_path):
     assert [c[0] for c in commands] == [python] * 4
     assert [c[4] for c in commands[:3]] == ["hydra/sweeper=baseline", "hydra/sweeper=presses", "hydra/sweeper=query_aware"]
     for command in commands[:3]:
-        for arg in ("model=pythia-160m", "dataset=needle", f"output_dir={out}", "hydra/launcher=joblib_gpus",
+        # joblib_gpus' one worker per GPU, with the jobs of a group sharing their prefill
+        for arg in ("model=pythia-160m", "dataset=needle", f"output_dir={out}", "hydra/launcher=shared_prefill_gpus",
                     "max_context_length=4096", "hydra.launcher.n_jobs=4"):
             assert arg in command, command
         assert not any(a.startswith("compression_ratio=") for a in command)  # the presets' four ratios apply
     assert commands[3] == [python, "-m", "kvbench.leaderboard", str(out)]
+
+
+@pytest.mark.parametrize("args,launcher", [((), "shared_prefill"), (("--launcher", "joblib_gpus"), "shared_prefill_gpus"),
+                                           (("--launcher", "basic"), "basic"), (("--launcher=slurm",), "slurm"),
+                                           (("--launcher", "shared_prefill_gpus"), "shared_prefill_gpus")])
+def test_passes_share_their_prefill_unless_another_launcher_is_asked_for(args, launcher):
+    commands = dry_run(*args)
+    for command in commands[:-1]:
+        assert [a for a in command if a.startswith("hydra/launcher=")] == [f"hydra/launcher={launcher}"], command
+    assert not any(a.startswith("hydra/launcher=") for a in commands[-1])  # the leaderboard is no sweep
+
+
+def test_help_says_what_each_launcher_does():
+    text = " ".join(script("--help").stdout.split())
+    assert "default: shared_prefill" in text and "shared_prefill_gpus" in text and "no shared prefill" in text
 
 
 def test_presets_expand_to_the_registry_with_plain_run_names():
@@ -103,7 +119,7 @@ def test_presets_expand_to_the_registry_with_plain_run_names():
     assert run_names(sweep_jobs(baseline)) == {"needle__smollm2-135m__no_press__0.00"}
     expected = {run_name("needle", "smollm2-135m", p, r) for p, r in itertools.product(COMPRESSING, RATIOS)}
     jobs = sweep_jobs(presses)
-    assert len(jobs) == len(expected) == (len(PRESSES) - 1) * 4
+    assert len(jobs) == len(expected) == len(COMPRESSING) * 4
     assert run_names(jobs) == expected  # no "__sweep=..." or other variant from choosing a preset
     expected = {run_name("needle", "smollm2-135m", p, r, "query_aware") for p, r in itertools.product(["snapkv", "adakv_snapkv"], RATIOS)}
     assert run_names(sweep_jobs(query_aware)) == expected
