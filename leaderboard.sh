@@ -23,8 +23,12 @@ multiruns, then build the leaderboard in <output_dir>/leaderboard/.
 Options (environment variable in brackets; an option wins over its variable):
   --model NAME        model preset of conf/model/ [MODEL] (default: smollm2-135m)
   --dataset NAME      dataset preset of conf/dataset/ [DATASET] (default: ruler; pg19 with --quick)
-  --launcher NAME     Hydra launcher, e.g. joblib_gpus, slurm, slurm_local, joblib [LAUNCHER]
-                      (default: Hydra's basic launcher, one job after the other in one process)
+  --launcher NAME     Hydra launcher of a pass [LAUNCHER] (default: shared_prefill: the jobs of a pass
+                      that differ only in press and ratio share one prefill per sample, one group after
+                      the other in one process; results are those of job-by-job runs)
+                      joblib_gpus: the same sharing spread over one worker per local GPU (runs as
+                      shared_prefill_gpus); basic: Hydra's launcher, job by job in one process;
+                      slurm, slurm_local, joblib: each job in its own process, so no shared prefill
   --output-dir DIR    where result directories and the leaderboard go [OUTPUT_DIR] (default: results)
   --ratios LIST       comma-separated compression ratios instead of 0.25,0.5,0.75,0.875 [RATIOS]
   --quick             tiny data for a smoke test that finishes in minutes on a laptop CPU: still every
@@ -137,8 +141,13 @@ fi
 # outnumber free cores spin against each other (measured on 2 shared cores: 4 quick jobs 44 s -> 9 s).
 if [[ "$QUICK" == 1 ]]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
 
-COMMON=("model=$MODEL" "dataset=$DATASET" "output_dir=$OUTPUT_DIR")
-[[ -n "$LAUNCHER" ]] && COMMON+=("hydra/launcher=$LAUNCHER")
+# One prefill per sample for all the (press, ratio) jobs of a pass unless another launcher is asked for; on GPUs
+# the shared preset keeps joblib_gpus' one worker per GPU (docs/sweeps.md, "One prefill per sweep").
+case "$LAUNCHER" in
+    "") LAUNCHER=shared_prefill ;;
+    joblib_gpus) LAUNCHER=shared_prefill_gpus ;;
+esac
+COMMON=("model=$MODEL" "dataset=$DATASET" "output_dir=$OUTPUT_DIR" "hydra/launcher=$LAUNCHER")
 RATIO_ARGS=()
 [[ -n "$RATIOS" ]] && RATIO_ARGS=("compression_ratio=$RATIOS")
 

@@ -61,7 +61,11 @@ def test_every_press_on_smollm2(smol, name):
         cache, _, stats, _ = prefill(model, ids, press)
         kept = int(n * (1 - ratio))
         assert stats.layers == model.config.num_hidden_layers
-        assert stats.kept_pairs == stats.layers * model.config.num_key_value_heads * kept
+        pairs_per_token = stats.layers * model.config.num_key_value_heads
+        if name == "pyramidkv":  # per-layer budgets are rounded down one by one (kvpress' formula): ±1 token per layer
+            assert abs(stats.kept_pairs - pairs_per_token * kept) <= pairs_per_token
+        else:
+            assert stats.kept_pairs == pairs_per_token * kept
         if not press.head_adaptive:
             assert {layer.keys.shape[-2] for layer in cache.layers} == {kept}
         assert cache.get_seq_length() == n
