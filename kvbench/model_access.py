@@ -55,6 +55,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``apply_rope``: a rotation by -theta (cos even, sin odd)."""
+    return apply_rope(x, cos, -sin)
+
+
 def _project(module: nn.Module, hidden_states: torch.Tensor, which: str) -> torch.Tensor:
     """``which`` = "q" or "k": that projection, per head, with the q/k norm where the model has one."""
     if model_type(module) in FUSED_QKV:

@@ -98,7 +98,6 @@ def test_one_scored_token_per_window_works(tmp_path, books):
 
 def test_run_skip_kill_and_resume(tmp_path, books):
     out = tmp_path / "results"
-    name = "pg19__smollm2-135m__knorm__0.50__context_length=96__dataset.path=*"
     args = pg19_args(books, out, "press=knorm", "compression_ratio=0.5")
     process = subprocess.Popen([sys.executable, "-m", "kvbench", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240

@@ -274,3 +274,32 @@ def test_snapkv_window_votes_equal_the_models_own_attention(models, family):
         state = LayerState(module, idx, hidden, keys, keys, cos, sin, rotary=None)
         votes = window_votes(state, 16)
         torch.testing.assert_close(votes.reshape(attention.shape[1], CONTEXT), attention[0, :, -16:].mean(dim=1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_presses_see_the_queries_the_attention_computed(models, family, impl):
+    """The plumbing hands presses the prefill's own queries (no second projection); they, and the keys and
+    queries rotated back before RoPE, equal what the module's projections give."""
+    model = models[(family, impl)]
+    press = kvbench.build_press("knorm", compression_ratio=0.5)
+    states = {}
+    score = press.score
+
+    def keep_state(state):
+        states[state.layer_idx] = state
+        return score(state)
+
+    press.score = keep_state
+    _prefill(model, _ids(CONTEXT, 21), press)
+    assert len(states) == model.config.num_hidden_layers
+    for state in states.values():
+        assert state.queries is not None and state.queries.shape[-2] == CONTEXT
+        hidden, cos, sin = state.hidden_states, state.cos, state.sin
+        torch.testing.assert_close(state.queries, model_access.queries(state.module, hidden, cos, sin))
+        inner = slice(5, CONTEXT - 3)
+        torch.testing.assert_close(state.pre_rope_queries(inner), model_access.pre_rope_queries(state.module, hidden[:, inner]))
+        torch.testing.assert_close(state.pre_rope_keys(inner), model_access.pre_rope_keys(state.module, hidden[:, inner]))
+    # The routing is one call deep: the model's attention implementation is back, and nothing is left captured.
+    assert model.config._attn_implementation == impl
+    assert not any(hasattr(m, "_kvbench_queries") for m in model.modules())

@@ -22,7 +22,7 @@ from kvbench.presses.criticalkv import CriticalAdaKVPress, CriticalKVPress
 from kvbench.presses.expected_attention import ExpectedAttentionPress
 from kvbench.presses.keydiff import KeyDiffPress
 from kvbench.presses.observed_attention import ObservedAttentionPress
-from kvbench.presses.pyramidkv import PyramidKVPress, pyramid_budget
+from kvbench.presses.pyramidkv import pyramid_budget
 from kvbench.presses.tova import TOVAPress
 from tests.tiny_models import FAMILIES, tiny_model
 

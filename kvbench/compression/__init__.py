@@ -26,7 +26,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from kvbench import model_access
-from kvbench.compression import head_mask
+from kvbench.compression import head_mask, query_capture
 from kvbench.compression.cache import (
     CompressedLayer,
     PackedLayer,
@@ -82,6 +82,7 @@ def slice_state(state: LayerState, index: int, length: int) -> LayerState:
         sin=state.sin[min(index, state.sin.shape[0] - 1)][None, :length],
         rotary=state.rotary,
         attention_weights=None if weights is None else weights[index : index + 1, :, :length, :length],
+        queries=None if state.queries is None else state.queries[index : index + 1, :, :length],
     )
 
 
@@ -142,8 +143,18 @@ def _packed_batch(press: Press, state: LayerState, lengths: list[int], validity:
     return pack_layer(keys, state.values, kept, seq_len, validity)
 
 
+def _capture_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before a prefill into an empty layer: keep the queries the module computes (``query_capture``)."""
+    layer = layer_of(model_access.cache_from_kwargs(kwargs), module.layer_idx)
+    if isinstance(layer, (CompressedLayer, PackedLayer)):
+        return
+    if layer is None or layer.keys is None or layer.keys.shape[-2] == 0:
+        query_capture.route(module)
+
+
 def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, targets: list[Target],
                    lengths: list[int] | None, layout: str, rotary: nn.Module):
+    queries = query_capture.take(module)
     cache = model_access.cache_from_kwargs(kwargs)
     layer = layer_of(cache, module.layer_idx)
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -162,6 +173,7 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, targ
         sin=sin,
         rotary=lambda positions: rotary(hidden, positions),
         attention_weights=weights,
+        queries=queries if queries is not None and queries.shape[-2] == seq_len else None,
     )
     before = layer_bytes(layer)
     for target in targets:
@@ -209,13 +221,17 @@ def compress_into(model: nn.Module, targets: list[Target], *, lengths: list[int]
     if lengths is not None:
         for target in targets:
             target.tail_validity = TailValidity(len(lengths), model.device)
+    query_capture.register()
     hook = partial(_compress_hook, targets=targets, lengths=lengths, layout=layout, rotary=rotary)
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    handles += [m.register_forward_pre_hook(_capture_hook, with_kwargs=True) for m in modules]
     try:
         yield targets
     finally:
         for handle in handles:
             handle.remove()
+        for module in modules:
+            query_capture.take(module)  # a prefill that raised mid-layer leaves its routing and queries behind
 
 
 @contextmanager

@@ -109,7 +109,6 @@ def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     layer: PackedLayer = module._kvbench_packed_layer
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     b, n_heads, q_len, _ = query.shape
-    kv_heads = layer.lengths.shape[1]
     packed = _packed_part_flash if _use_flash(layer, query) else _packed_part_torch
     out_a, lse_a = packed(layer, query, scaling)
     out_b, lse_b = _tail_part(layer, query, key, value, scaling)

@@ -14,6 +14,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from kvbench import model_access
 from kvbench.errors import KVBenchError
 from kvbench.presses import selection
 
@@ -33,10 +34,30 @@ class LayerState:
     # softmax attention of every context query, [batch, heads, seq, seq]: only when the attention implementation
     # returns it (eager); None under sdpa / flash attention
     attention_weights: torch.Tensor | None = None
+    # post-RoPE queries of every context token, [batch, heads, seq, head_dim], as the attention computed them
+    # during the prefill (kvbench.compression.query_capture); None when they were not captured
+    queries: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
         return self.keys.shape[-2]
+
+    def context_queries(self, positions: slice = slice(None)) -> torch.Tensor:
+        """Post-RoPE queries of the context ``positions``: the captured ones, else projected again."""
+        if self.queries is not None:
+            return self.queries[:, :, positions]
+        return model_access.queries(self.module, self.hidden_states[:, positions], self.cos[:, positions],
+                                    self.sin[:, positions])
+
+    def pre_rope_queries(self, positions: slice = slice(None)) -> torch.Tensor:
+        """Queries before RoPE: the captured ones rotated back (cheaper than projecting again), else projected."""
+        if self.queries is not None:
+            return model_access.unrotate(self.queries[:, :, positions], self.cos[:, positions], self.sin[:, positions])
+        return model_access.pre_rope_queries(self.module, self.hidden_states[:, positions])
+
+    def pre_rope_keys(self, positions: slice = slice(None)) -> torch.Tensor:
+        """Keys before RoPE, the cached keys rotated back (what the key projection and its norm gave)."""
+        return model_access.unrotate(self.keys[:, :, positions], self.cos[:, positions], self.sin[:, positions])
 
 
 @dataclass

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench import model_access
 from kvbench.presses.base import LayerState, Press
 from kvbench.presses.snapkv import pool_same_length
 
@@ -100,17 +99,17 @@ class CompactorPress(Press):
     seed: int = 0
 
     def score(self, state: LayerState) -> torch.Tensor:
-        module, seq_len = state.module, state.seq_len
+        seq_len = state.seq_len
         start = min(self.sink_size_start, seq_len)
         end = min(self.sink_size_end, max(0, seq_len - start))
         inner = slice(start, seq_len - end)
-        hidden, keys, values = state.hidden_states[:, inner], state.keys[:, :, inner], state.values[:, :, inner]
+        keys, values = state.keys[:, :, inner], state.values[:, :, inner]
         if keys.shape[-2] == 0:
             return torch.full(state.keys.shape[:-1], float("inf"), device=state.keys.device)
         b, kv_heads, _, _ = keys.shape
         generator = torch.Generator(device=keys.device).manual_seed(self.seed + state.layer_idx)
-        lev = leverage(model_access.pre_rope_keys(module, hidden).float(), self.sketch_dimension, generator)
-        q = model_access.queries(module, hidden, state.cos[:, inner], state.sin[:, inner]).float()
+        lev = leverage(state.pre_rope_keys(inner).float(), self.sketch_dimension, generator)
+        q = state.context_queries(inner).float()
         mass = chunked_attention_mass(q, keys.float(), self.chunk_size)
         mass = mass.view(b, kv_heads, -1, mass.shape[-1]).mean(dim=2) * values.float().norm(dim=-1)
         mass = pool_same_length(mass, 3, "avg")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench import model_access
 from kvbench.presses.base import LayerState, Press
 
 
@@ -45,14 +44,13 @@ class ExpectedAttentionPress(Press):
     epsilon: float = 0.0
 
     def score(self, state: LayerState) -> torch.Tensor:
-        module = state.module
         b, kv_heads, seq_len, d = state.keys.shape
         sink = min(self.n_sink, seq_len - 1)
         # Sinks draw attention whatever their content; they are kept unconditionally and taken out before the
         # softmax and the value-norm rescaling, or heads that attend to them would see every other score shrink
         # (and under AdaKV lose budget to heads that do not).
         keys, values = state.keys[:, :, sink:].float(), state.values[:, :, sink:].float()
-        q = model_access.pre_rope_queries(module, state.hidden_states[:, sink:]).float()  # [b, H, n, d]
+        q = state.pre_rope_queries(slice(sink, seq_len)).float()  # [b, H, n, d]
         n_heads = q.shape[1]
         group = n_heads // kv_heads
         mu = q.mean(dim=2)

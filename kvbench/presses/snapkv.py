@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench import model_access
 from kvbench.errors import KVBenchError
 from kvbench.presses.base import LayerState, Press
 from kvbench.presses.clustering import CLUSTERINGS, kmeans_rescore
@@ -38,9 +37,9 @@ def window_votes(state: LayerState, window: int) -> torch.Tensor:
     Returns ``[batch, kv_heads, group, seq]`` so GQA groups can be reduced by the caller. Batched matmuls
     throughout (the mean over queries too): this runs once per layer inside prefill and must stay cheap.
     """
-    module, keys = state.module, state.keys
+    keys = state.keys
     seq_len = state.seq_len
-    q = model_access.queries(module, state.hidden_states[:, -window:], state.cos[:, -window:], state.sin[:, -window:])
+    q = state.context_queries(slice(seq_len - window, seq_len))
     b, n_heads, _, d = q.shape
     kv_heads = keys.shape[1]
     group = n_heads // kv_heads
