@@ -20,9 +20,9 @@ from kvbench.presses import selection
 from kvbench.presses.adakv import WrapperPress
 from kvbench.presses.base import LayerState
 
-# Rows of the context projected at once: [rows, group * hidden] stays in the core's cache while its L1 norm is taken
-# (a whole-context product of that width is written to and read back from memory, which costs twice the product).
-NORM_BLOCK = 256
+# Rows of the context projected at once: the [rows, group * hidden] product stays in the core's cache while its L1
+# norm is taken (a whole-context product is written to and read back from memory, which costs twice the product).
+NORM_BLOCK = 512
 
 
 def grouped_output_weight(state: LayerState) -> torch.Tensor:
@@ -32,20 +32,22 @@ def grouped_output_weight(state: LayerState) -> torch.Tensor:
     projects a value through every query head of its group in one product.
     """
     _, kv_heads, _, d = state.values.shape
-    weight = model_access.output_projection(state.module).float()  # [hidden, H * d], columns grouped by head
+    weight = model_access.output_projection(state.module).detach().float()  # [hidden, H * d], columns grouped by head
     hidden, group = weight.shape[0], weight.shape[1] // (kv_heads * d)
     return weight.view(hidden, kv_heads, group, d).permute(1, 3, 2, 0).contiguous()
 
 
-def _row_norms(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``||v W_O^q||_1`` averaged over the query heads of ``weight`` ``[d, group, hidden]``, per row of ``values`` ``[n, d]``."""
-    group = weight.shape[1]
-    weight = weight.flatten(1)
+def _row_norms(values: torch.Tensor, weight: torch.Tensor, group: int, block: torch.Tensor) -> torch.Tensor:
+    """``||v W_O^q||_1`` averaged over the ``group`` query heads of ``weight`` ``[d, group * hidden]``, per row of
+    ``values`` ``[n, d]``. Each product is written into ``block``, one buffer reused for the whole layer: a fresh
+    block per product costs as much as the product on CPU (large allocations are returned to the OS and
+    page-faulted back in every time)."""
     out = values.new_empty(values.shape[0])
-    for start in range(0, values.shape[0], NORM_BLOCK):
-        projected = values[start : start + NORM_BLOCK] @ weight  # [rows, group * hidden]
-        out[start : start + NORM_BLOCK] = projected.abs_().view(projected.shape[0], group, -1).sum(dim=-1).mean(dim=-1)
-    return out
+    for start in range(0, values.shape[0], block.shape[0]):
+        rows = values[start : start + block.shape[0]]
+        projected = torch.mm(rows, weight, out=block[: rows.shape[0]])
+        out[start : start + rows.shape[0]] = projected.abs_().sum(dim=-1)
+    return out.div_(group)
 
 
 def projected_value_norm(state: LayerState, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,17 +56,19 @@ def projected_value_norm(state: LayerState, skip: torch.Tensor | None = None) ->
     Positions where ``skip`` ([b, kv_heads, L] bool) is True are not computed and hold 0: the caller must not
     read them (stage-one tokens, which the selection forces in).
     """
-    values = state.values.float()
+    values = state.values.detach().float()
     b, kv_heads, seq_len, _ = values.shape
     weight = grouped_output_weight(state)
+    group, weight = weight.shape[2], weight.flatten(2)
+    block = values.new_empty(min(NORM_BLOCK, seq_len), weight.shape[-1])
     norms = values.new_zeros(b, kv_heads, seq_len)
     for i in range(b):
         for h in range(kv_heads):
             if skip is None:
-                norms[i, h] = _row_norms(values[i, h], weight[h])
+                norms[i, h] = _row_norms(values[i, h], weight[h], group, block)
             else:
                 rows = (~skip[i, h]).nonzero().squeeze(-1)
-                norms[i, h, rows] = _row_norms(values[i, h, rows], weight[h])
+                norms[i, h, rows] = _row_norms(values[i, h, rows], weight[h], group, block)
     return norms
 
 
