@@ -7,8 +7,9 @@ import torch
 from transformers import DynamicCache
 
 import kvbench
+from kvbench import compression
 from kvbench.compression.cache import kv_bytes
-from kvbench.generation import Prompt, answer_prompts, base_model, continuations_nll
+from kvbench.generation import Prompt, _step, answer_prompts, base_model, continuations_nll, prefill
 from tests.tiny_models import tiny_model
 
 CONTEXT = 96
@@ -81,3 +82,72 @@ def test_one_prefill_serves_several_presses_as_separate_prefills_would():
         alone = answer_prompts(model, Tok(), [prompt], [press], [[8]])[0][0]
         assert runs[0].answers[0].token_ids == alone.answers[0].token_ids
         assert runs[0].kv_bytes_after == alone.kv_bytes_after
+
+
+# Uniform and head-adaptive selections, with and without the captured queries and the projected value norms
+BATCH_PRESSES = ["snapkv", "knorm", "adakv_snapkv", "expected_attention", "critical_adakv_snapkv"]
+TIE = 1e-4  # a batched greedy token may differ from batch size 1's only where its top two logits are this close
+
+
+def _recording_selections(monkeypatch) -> dict:
+    """Kept masks of every selection made, by (layer, context length): contexts of a test differ in length."""
+    kept = {}
+    select = compression._select
+
+    def recording(press, state):
+        chosen = select(press, state)
+        kept[(state.layer_idx, state.seq_len)] = compression._kept_mask(chosen, state.seq_len).clone()
+        return chosen
+
+    monkeypatch.setattr(compression, "_select", recording)
+    return kept
+
+
+def _assert_same_or_tied(model, prompt, press, batched: list[int], alone: list[int]) -> None:
+    """Batched tokens equal batch size 1's, or part where batch size 1 itself had a near tie (top two logits
+    within ``TIE``) at the first differing step, the only reason a padded batch may decode differently."""
+    if batched == alone:
+        return
+    step = next(i for i, (a, b) in enumerate(zip(alone, batched)) if a != b)
+    cache, *_ = prefill(model, prompt.context_ids, press)
+    ids = torch.cat([prompt.question_ids[0], torch.tensor([alone[:step]], dtype=torch.long)], dim=-1)
+    with torch.no_grad():
+        top = _step(model, cache, ids, None, None, None)[0, -1].float().topk(2).values
+    assert top[0] - top[1] <= TIE, f"{press}: batched token differs at step {step} with a logit gap of {top[0] - top[1]:.3g}"
+
+
+def _batch_matches_alone(model, tokenizer, prompts, monkeypatch, max_new_tokens: int) -> None:
+    kept = _recording_selections(monkeypatch)
+    for name in BATCH_PRESSES:
+        press = kvbench.build_press(name, compression_ratio=0.5)
+        kept.clear()
+        batched = answer_prompts(model, tokenizer, prompts, [press], [[max_new_tokens]] * len(prompts))[0]
+        kept_batched = dict(kept)
+        kept.clear()
+        alone = [answer_prompts(model, tokenizer, [p], [press], [[max_new_tokens]])[0][0] for p in prompts]
+        assert kept_batched.keys() == kept.keys() and len(kept) == len(prompts) * model.config.num_hidden_layers
+        for where, mask in kept.items():
+            assert torch.equal(kept_batched[where], mask), f"{name}: kept positions differ at (layer, length) {where}"
+        for prompt, b, a in zip(prompts, batched, alone):
+            _assert_same_or_tied(model, prompt, press, b.answers[0].token_ids, a.answers[0].token_ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_a_batch_keeps_the_positions_and_tokens_of_each_context_alone(family, impl, monkeypatch):
+    prompts = [Prompt(_ids(n, n), [_ids(m, n + 1)]) for n, m in [(80, 5), (96, 7), (64, 3)]]
+    _batch_matches_alone(tiny_model(family, impl), Tok(), prompts, monkeypatch, 8)
+
+
+@pytest.mark.integration
+def test_a_batch_on_smollm2_keeps_the_positions_and_tokens_of_each_context_alone(monkeypatch):
+    from kvbench.generation import build_prompt
+    from kvbench.models import ModelSpec, load_model
+
+    model, tokenizer = load_model(ModelSpec("smollm2-135m", device="cpu"))
+    facts = ["The archive keeps its maps in room {}.", "Ferries leave the harbour every {} minutes.",
+             "The choir has sung in the cathedral since {}."]
+    prompts = [build_prompt(tokenizer, " ".join(f.format(7 * k + i) for k in range(12 + 5 * i) for f in facts),
+                            ["What do the maps, ferries and choir have in common?"], "Answer:") for i in range(3)]
+    assert len({p.context_ids.shape[-1] for p in prompts}) == 3
+    _batch_matches_alone(model, tokenizer, prompts, monkeypatch, 12)
