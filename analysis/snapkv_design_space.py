@@ -10,10 +10,12 @@ and writes into ``--out``:
 - ``compression_share_vs_budget.png``: scoring + selection time over the prefill without it;
 - ``design_space.csv``: one row per run, everything the plots show.
 
-A perplexity run decodes nothing, so where ``ttft_seconds``/``seconds_per_token`` were not measured the
-latency panels use what the run did measure, and say so in the axis label and the CSV's ``latency_source``:
-prefill + compression for the first token, teacher-forced seconds per scored token (over the compressed
-cache) for the next ones. Run the grid on a generation dataset too (e.g. dataset=ruler) for decode timings.
+Latency: the presets set ``decode_timing_tokens=16``, so each perplexity window is also decoded for 16 tokens over
+its compressed cache after scoring; the run then records time to first token (prefill + compression: the first
+scored token comes out of the prefill) and time per output token (``latency_source`` = ``decode``). Runs made
+without it decoded nothing; for those the panels use what the run did measure, and say so in the axis label and
+the CSV's ``latency_source``: prefill + compression for the first token, teacher-forced seconds per scored token
+(all scored tokens in one forward over the compressed cache) for the next ones.
 
     python analysis/snapkv_design_space.py results --out results/leaderboard/snapkv_design_space [--model pythia-70m]
 """

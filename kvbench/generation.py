@@ -349,12 +349,17 @@ def answer_questions(model, tokenizer, prompt: Prompt, press: Press, max_new_tok
 
 @torch.no_grad()
 def continuations_nll(model, contexts: list[torch.Tensor], continuations: list[torch.Tensor], presses: list[Press],
-                      layout: str = "packed") -> list[list[tuple[float, int, ContextRun]]]:
+                      layout: str = "packed", decode_tokens: int = 0) -> list[list[tuple[float, int, ContextRun]]]:
     """Summed negative log-likelihood of each continuation given its (compressed) context, per press.
 
     The first continuation token is predicted from the context's last position (prefill output, which
     compression does not change); the others are teacher-forced over the compressed cache. A batch right-pads
     the continuations (padding comes after every real token, so no real token sees it).
+
+    ``decode_tokens`` > 1 also times decoding, which teacher forcing (all tokens in one forward) does not show:
+    after scoring, the cache is cut back to the compressed context and ``decode_tokens`` tokens are decoded
+    greedily from each continuation's first token, as a generation run decodes (EOS ignored). The run's
+    ``extra`` then has ``decode_seconds_per_token``; the scores are those of ``decode_tokens=0``.
     """
     device = model.device
     reset_peak_memory(device)
@@ -365,6 +370,7 @@ def continuations_nll(model, contexts: list[torch.Tensor], continuations: list[t
     out = []
     for index, cache in enumerate(prefilled.caches):
         after = kv_bytes(cache)
+        compressed_lengths = stored_lengths(cache)
         synchronize(device)
         start = time.perf_counter()
         logits = first_logits
@@ -381,8 +387,15 @@ def continuations_nll(model, contexts: list[torch.Tensor], continuations: list[t
         for i, continuation in enumerate(continuations):
             n = continuation.shape[-1]
             scored.append(float(torch.nn.functional.cross_entropy(logits[i, :n], targets[i, :n], reduction="sum")))
+        extra = {"teacher_forced_seconds": forced_seconds}
+        if decode_tokens > 1:
+            truncate(cache, compressed_lengths)
+            firsts = [continuation[:, :1] for continuation in continuations]
+            _, _, per_token = greedy_decode_batch(model, cache, firsts, [decode_tokens] * batch, set(),
+                                                  prefilled.start_positions(index))
+            extra["decode_seconds_per_token"] = per_token
         runs = _context_runs(prefilled, index, after, peak_memory_bytes(device), [[] for _ in contexts],
-                             [{"teacher_forced_seconds": forced_seconds} for _ in contexts])
+                             [dict(extra) for _ in contexts])
         out.append([(nll, int(c.shape[-1]), run) for nll, c, run in zip(scored, continuations, runs)])
         prefilled.caches[index] = None
     return out

@@ -130,6 +130,13 @@ def validate(cfg: DictConfig) -> None:
     ratio = cfg.compression_ratio
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise KVBenchError(f"compression_ratio must be a number in [0, 1), got {ratio}")
+    decode_tokens = cfg.get("decode_timing_tokens", 0)
+    if isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int) or decode_tokens < 0 or decode_tokens == 1:
+        raise KVBenchError(f"decode_timing_tokens must be 0 (off) or an integer >= 2 (seconds per token are timed after "
+                           f"the first token), got {decode_tokens!r}")
+    if decode_tokens and dataset_kind(cfg.dataset.name) != "perplexity":
+        raise KVBenchError(f"decode_timing_tokens applies to perplexity datasets; dataset '{cfg.dataset.name}' times its own "
+                           f"decoding (ttft_seconds, seconds_per_token); drop decode_timing_tokens")
     batch_size = cfg.get("batch_size", 1)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise KVBenchError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -274,10 +281,14 @@ def perplexity_predictions(ctx: RunContext, windows: pd.DataFrame) -> None:
     (plus extras, kept in the predictions); where the windows lie is the dataset's business.
     """
     rows_in = windows.to_dict("records")
+    decode_tokens = int(ctx.cfg.get("decode_timing_tokens", 0))
     for window in rows_in:
         if ctx.max_length is not None and len(window["input_ids"]) > ctx.max_length:
             raise KVBenchError(f"a perplexity window of {len(window['input_ids'])} tokens is above max_context_length="
                                f"{ctx.max_length}; use shorter windows or set max_context_length")
+        if ctx.max_length is not None and int(window["context_tokens"]) + decode_tokens > ctx.max_length:
+            raise KVBenchError(f"decode_timing_tokens={decode_tokens} after a {window['context_tokens']}-token context passes "
+                               f"max_context_length={ctx.max_length}; lower decode_timing_tokens")
     progress = tqdm(total=len(rows_in), desc=ctx.jobs[0].name if len(ctx.jobs) == 1 else f"{len(ctx.jobs)} jobs",
                     unit="window", leave=False)
     for batch in _batches(rows_in, ctx.batch_size):
@@ -286,7 +297,8 @@ def perplexity_predictions(ctx: RunContext, windows: pd.DataFrame) -> None:
             ids = [torch.tensor([list(w["input_ids"])], dtype=torch.long) for w in batch]
             splits = [int(w["context_tokens"]) for w in batch]
             scored = generation.continuations_nll(ctx.model, [i[:, :s] for i, s in zip(ids, splits)],
-                                                  [i[:, s:] for i, s in zip(ids, splits)], [j.press for j in jobs], ctx.layout)
+                                                  [i[:, s:] for i, s in zip(ids, splits)], [j.press for j in jobs], ctx.layout,
+                                                  decode_tokens)
             for job, results in zip(jobs, scored):
                 rows = []
                 for window, (nll, n, run) in zip(batch, results):
@@ -296,6 +308,9 @@ def perplexity_predictions(ctx: RunContext, windows: pd.DataFrame) -> None:
                     record.update(nll_sum=nll, num_tokens=n, perplexity=math.exp(nll / n))
                     record.update(_speed_row(run))
                     record["teacher_forced_seconds"] = run.extra["teacher_forced_seconds"]
+                    if "decode_seconds_per_token" in run.extra:
+                        # the first scored token comes out of the prefill; later ones are decoded over the cache
+                        record.update(ttft_seconds=run.prefill_seconds, seconds_per_token=run.extra["decode_seconds_per_token"])
                     rows.append(record)
                 job.directory.checkpoint(job.identity, rows)
                 job.records.extend(rows)

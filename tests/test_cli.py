@@ -54,6 +54,9 @@ def complete_dirs(out: Path) -> list[Path]:
         (["logger=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
         (["logger.name=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
         (["query_aware=true"], "query_aware=true does not apply to dataset 'pg19': a perplexity dataset has no question"),
+        (["decode_timing_tokens=1"], "decode_timing_tokens must be 0 (off) or an integer >= 2"),
+        (["max_context_length=112", "decode_timing_tokens=32"],  # the window (96 + 16) fits, the decoding does not
+         "decode_timing_tokens=32 after a 96-token context passes max_context_length=112"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, expected):
@@ -94,6 +97,27 @@ def test_one_scored_token_per_window_works(tmp_path, books):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["num_windows"] == 3 and metrics["num_tokens"] == 3 and metrics["score"] > 1.0
     assert metrics["num_samples_per_task"] == 3 and metrics["truncated_samples"] == 0 and metrics["max_context_length"] == 8192
+
+
+def test_decode_timing_records_latency_and_leaves_the_perplexity_alone(tmp_path, books):
+    runs = {}
+    for tokens in (0, 4):
+        out = tmp_path / f"results-{tokens}"
+        result = kvbench(*pg19_args(books, out, "dataset.max_windows_per_book=2", "press=snapkv", f"decode_timing_tokens={tokens}"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        (run_dir,) = complete_dirs(out)
+        runs[tokens] = json.loads((run_dir / "metrics.json").read_text())
+    assert runs[4]["score"] == pytest.approx(runs[0]["score"], rel=1e-6)
+    assert runs[0]["speed"].get("seconds_per_token") is None and runs[0]["speed"].get("ttft_seconds") is None
+    assert runs[4]["speed"]["seconds_per_token"] > 0
+    assert runs[4]["speed"]["ttft_seconds"] == pytest.approx(runs[4]["speed"]["prefill_seconds"])
+
+
+def test_decode_timing_is_refused_for_a_generation_dataset(tmp_path):
+    result = kvbench("dataset=ruler", "decode_timing_tokens=8", f"output_dir={tmp_path / 'results'}", env={"HF_HUB_OFFLINE": "1"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1
+    assert "decode_timing_tokens applies to perplexity datasets; dataset 'ruler' times its own decoding" in errors[0]
 
 
 def test_run_skip_kill_and_resume(tmp_path, books):

@@ -230,6 +230,43 @@ def test_continuation_nll_equals_the_plain_forward(eval_length):
     assert nll == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_timing_decodes_over_the_compressed_context_and_changes_no_score(batch, monkeypatch):
+    """decode_tokens times real decoding: the tokens it decodes are what a fresh greedy decode from the continuation's
+    first token over the same compressed context gives (so the teacher-forced tokens were cut away first), and every
+    NLL is the one without it."""
+    import torch
+
+    from kvbench import generation
+    from kvbench.presses import build_press
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    ids = [torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(n)) for n in (72, 64)[:batch]]
+    contexts, continuations = [i[:, :-8] for i in ids], [i[:, -8:] for i in ids]
+    presses = [build_press(name, compression_ratio=0.5) for name in ("no_press", "snapkv", "adakv_snapkv")]
+    decoded = []
+    original = generation.greedy_decode_batch
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        decoded.append(result[0])
+        return result
+
+    monkeypatch.setattr(generation, "greedy_decode_batch", recording)
+    timed = generation.continuations_nll(model, contexts, continuations, presses, decode_tokens=5)
+    plain = generation.continuations_nll(model, contexts, continuations, presses)
+    assert len(decoded) == len(presses)
+    for press, tokens, with_timing, without in zip(presses, decoded, timed, plain):
+        assert [nll for nll, *_ in with_timing] == pytest.approx([nll for nll, *_ in without], rel=1e-6)
+        assert all(run.extra["decode_seconds_per_token"] > 0 for *_, run in with_timing)
+        assert all("decode_seconds_per_token" not in run.extra for *_, run in without)
+        for context, continuation, got in zip(contexts, continuations, tokens):
+            cache, *_ = generation.prefill(model, context, press)
+            expected, _, _ = original(model, cache, [continuation[:, :1]], [5], set())
+            assert got == expected[0] and len(got) == 5
+
+
 # ---- metric, by hand ---------------------------------------------------------------------------------
 
 
