@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvbench-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data browser run test test-floor bench bench-speed leaderboard clean-results
+.PHONY: setup data browser run test test-floor bench bench-speed bench-sweep snapkv-study leaderboard clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,6 +56,22 @@ bench: setup
 
 bench-speed: setup
 	$(PY) -m kvbench.benchmark --model smollm2-135m --context-lengths 1024,2048,4096 --presses no_press,snapkv,adakv_snapkv,expected_attention --ratios 0,0.5,0.75 --decode-tokens 32 --out results/speed
+
+# Shared prefill vs job by job (3 presses x 3 ratios, PG-19 and RULER at 2048 tokens), the bytes every press' cache
+# holds, and batch_size=4 vs 1: each prints its figures and checks that the faster path gives the same results.
+bench-sweep: setup
+	$(PY) benchmarks/shared_prefill_speedup.py
+	$(PY) benchmarks/cache_bytes.py --ratios 0.5 0.75
+	$(PY) benchmarks/batch_throughput.py --batch-sizes 1 4
+
+# The SnapKV design-space study end to end on the packaged model, at a CPU-sized grid (minutes): both sweep presets
+# with budgets that fit a 1024-token context, then the analysis figures in $(STUDY_DIR)/leaderboard/snapkv_design_space.
+STUDY_DIR ?= results/snapkv_study
+STUDY_ARGS ?= dataset=pg19 dataset.context_length=1024 dataset.num_books=1 dataset.max_windows_per_book=2 budget=64,128,256,512
+snapkv-study: setup
+	$(PY) -m kvbench -m hydra/sweeper=snapkv_grid hydra/launcher=shared_prefill $(STUDY_ARGS) output_dir=$(STUDY_DIR)
+	$(PY) -m kvbench -m hydra/sweeper=snapkv_grid_baselines hydra/launcher=shared_prefill $(STUDY_ARGS) output_dir=$(STUDY_DIR)
+	$(PY) analysis/snapkv_design_space.py $(STUDY_DIR) --model smollm2-135m
 
 leaderboard: setup
 	$(PY) -m kvbench.leaderboard results

@@ -6,7 +6,9 @@
 #   2. presses      every registry press but no_press x 0.25,0.5,0.75,0.875   (hydra/sweeper=presses)
 #   3. query_aware  snapkv, adakv_snapkv with query_aware=true x the same ratios (hydra/sweeper=query_aware);
 #                   skipped for perplexity datasets (PG-19), which have no question
-#   4. python -m kvbench.leaderboard <output_dir>
+#   4. eager        no_press, then the presses that need attention weights (observed_attention) x the same
+#                   ratios, with model.attn_implementation=eager (hydra/sweeper=baseline, hydra/sweeper=eager)
+#   5. python -m kvbench.leaderboard <output_dir>
 #
 # The passes run one after the other because perplexity runs compare themselves with the finished baseline.
 # Finished configurations are skipped by kvbench itself, so rerunning this script resumes a broken sweep.
@@ -17,8 +19,9 @@ usage() {
 Usage: leaderboard.sh [options] [-- hydra overrides...]
 
 Run the standard kvbench sweep (no_press; every press at compression ratios 0.25, 0.5, 0.75, 0.875;
-snapkv and adakv_snapkv query-aware at the same ratios, except on perplexity datasets) as Hydra
-multiruns, then build the leaderboard in <output_dir>/leaderboard/.
+snapkv and adakv_snapkv query-aware at the same ratios, except on perplexity datasets; the presses that
+need attention weights with eager attention, next to an eager no_press) as Hydra multiruns, then build
+the leaderboard in <output_dir>/leaderboard/.
 
 Options (environment variable in brackets; an option wins over its variable):
   --model NAME        model preset of conf/model/ [MODEL] (default: smollm2-135m)
@@ -190,6 +193,16 @@ if [[ "$KIND" == perplexity ]]; then
 else
     run query_aware "${KVBENCH[@]}" hydra/sweeper=query_aware "${COMMON[@]}" ${RATIO_ARGS[@]+"${RATIO_ARGS[@]}"} \
         ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} ${FULL_ARGS[@]+"${FULL_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || FAILED+=(query_aware)
+fi
+# Presses that score the attention weights need eager attention: their own no_press baseline first (another
+# attention implementation is another run identity), then the presses.
+EAGER=(model.attn_implementation=eager)
+if run eager_baseline "${KVBENCH[@]}" hydra/sweeper=baseline "${COMMON[@]}" "${EAGER[@]}" ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} \
+    ${FULL_ARGS[@]+"${FULL_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}; then
+    run eager "${KVBENCH[@]}" hydra/sweeper=eager "${COMMON[@]}" ${RATIO_ARGS[@]+"${RATIO_ARGS[@]}"} \
+        ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"} ${FULL_ARGS[@]+"${FULL_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || FAILED+=(eager)
+else
+    FAILED+=(eager_baseline)
 fi
 run leaderboard "$PYTHON" -m kvbench.leaderboard "$OUTPUT_DIR"
 

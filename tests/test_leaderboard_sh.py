@@ -23,7 +23,10 @@ from kvbench.results import run_name, variant_from_overrides
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "leaderboard.sh"
 RATIOS = (0.25, 0.5, 0.75, 0.875)
-COMPRESSING = sorted(set(PRESSES) - {"no_press", "observed_attention"})  # observed_attention needs eager attention
+# Presses that score the attention weights run in the eager pass; every other press in the presses pass
+NEEDS_EAGER = sorted(n for n, e in PRESSES.items() if getattr(e.scorer, "needs_attention_weights", False))
+COMPRESSING = sorted(set(PRESSES) - {"no_press", *NEEDS_EAGER})
+EAGER_VARIANT = "model.attn_implementation=eager"
 QUICK_PG19 = ["dataset.context_length=128", "dataset.max_windows_per_book=1", "dataset.num_books=1"]
 QUICK_VARIANT = "context_length=128__max_windows_per_book=1__num_books=1"
 CLEAN_ENV = ("MODEL", "DATASET", "LAUNCHER", "OUTPUT_DIR", "RATIOS", "QUICK", "DRY_RUN", "PYTHON")
@@ -88,15 +91,17 @@ def test_standard_sweep_is_three_multiruns_then_the_leaderboard(tmp_path):
     commands = dry_run("--model", "pythia-160m", "--dataset", "needle", "--launcher", "joblib_gpus", "--output-dir", str(out),
                        "--", "max_context_length=4096", "hydra.launcher.n_jobs=4")
     python = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else "python"
-    assert [c[0] for c in commands] == [python] * 4
-    assert [c[4] for c in commands[:3]] == ["hydra/sweeper=baseline", "hydra/sweeper=presses", "hydra/sweeper=query_aware"]
-    for command in commands[:3]:
+    assert [c[0] for c in commands] == [python] * 6
+    assert [c[4] for c in commands[:5]] == ["hydra/sweeper=baseline", "hydra/sweeper=presses", "hydra/sweeper=query_aware",
+                                            "hydra/sweeper=baseline", "hydra/sweeper=eager"]
+    assert EAGER_VARIANT in commands[3]
+    for command in commands[:5]:
         # joblib_gpus' one worker per GPU, with the jobs of a group sharing their prefill
         for arg in ("model=pythia-160m", "dataset=needle", f"output_dir={out}", "hydra/launcher=shared_prefill_gpus",
                     "max_context_length=4096", "hydra.launcher.n_jobs=4"):
             assert arg in command, command
         assert not any(a.startswith("compression_ratio=") for a in command)  # the presets' four ratios apply
-    assert commands[3] == [python, "-m", "kvbench.leaderboard", str(out)]
+    assert commands[5] == [python, "-m", "kvbench.leaderboard", str(out)]
 
 
 @pytest.mark.parametrize("args,launcher", [((), "shared_prefill"), (("--launcher", "joblib_gpus"), "shared_prefill_gpus"),
@@ -115,7 +120,7 @@ def test_help_says_what_each_launcher_does():
 
 
 def test_presets_expand_to_the_registry_with_plain_run_names():
-    baseline, presses, query_aware, _ = dry_run("--dataset", "needle")
+    baseline, presses, query_aware, eager_baseline, eager, _ = dry_run("--dataset", "needle")
     assert run_names(sweep_jobs(baseline)) == {"needle__smollm2-135m__no_press__0.00"}
     expected = {run_name("needle", "smollm2-135m", p, r) for p, r in itertools.product(COMPRESSING, RATIOS)}
     jobs = sweep_jobs(presses)
@@ -123,21 +128,27 @@ def test_presets_expand_to_the_registry_with_plain_run_names():
     assert run_names(jobs) == expected  # no "__sweep=..." or other variant from choosing a preset
     expected = {run_name("needle", "smollm2-135m", p, r, "query_aware") for p, r in itertools.product(["snapkv", "adakv_snapkv"], RATIOS)}
     assert run_names(sweep_jobs(query_aware)) == expected
+    # The presses that need attention weights, with eager attention, next to an eager baseline of the same variant
+    assert NEEDS_EAGER == ["observed_attention"]
+    assert run_names(sweep_jobs(eager_baseline)) == {run_name("needle", "smollm2-135m", "no_press", 0.0, EAGER_VARIANT)}
+    expected = {run_name("needle", "smollm2-135m", p, r, EAGER_VARIANT) for p, r in itertools.product(NEEDS_EAGER, RATIOS)}
+    assert run_names(sweep_jobs(eager)) == expected
 
 
 def test_a_perplexity_dataset_gets_no_query_aware_pass():
     result = script("--dry-run", "--dataset", "pg19")
     commands = [shlex.split(line) for line in result.stdout.splitlines() if line.strip()]
-    assert result.returncode == 0 and len(commands) == 3
-    assert [c[4] for c in commands[:2]] == ["hydra/sweeper=baseline", "hydra/sweeper=presses"]
-    assert commands[2][2] == "kvbench.leaderboard"
+    assert result.returncode == 0 and len(commands) == 5
+    assert [c[4] for c in commands[:4]] == ["hydra/sweeper=baseline", "hydra/sweeper=presses", "hydra/sweeper=baseline",
+                                            "hydra/sweeper=eager"]
+    assert commands[4][2] == "kvbench.leaderboard"
     assert "query_aware: skipped, pg19 is a perplexity dataset" in result.stderr
 
 
 def test_quick_keeps_every_press_and_ratio_and_marks_its_runs():
     commands = dry_run("--quick")
-    assert len(commands) == 3  # PG-19 (the quick default) is a perplexity dataset: no query-aware pass
-    assert all("dataset=pg19" in c and all(a in c for a in QUICK_PG19) for c in commands[:2])
+    assert len(commands) == 5  # PG-19 (the quick default) is a perplexity dataset: no query-aware pass
+    assert all("dataset=pg19" in c and all(a in c for a in QUICK_PG19) for c in commands[:4])
     names = run_names(sweep_jobs(commands[1]))
     assert names == {run_name("pg19", "smollm2-135m", p, r, QUICK_VARIANT) for p, r in itertools.product(COMPRESSING, RATIOS)}
     ruler = dry_run("--quick", "--dataset", "ruler", "--ratios", "0.5")
@@ -166,25 +177,26 @@ def test_python_is_the_venv_one_next_to_the_script_else_python(tmp_path):
 
 @pytest.mark.integration
 def test_quick_sweep_builds_the_leaderboard_with_every_press(tmp_path):
-    """The real script end to end, reduced to the middle and the most aggressive ratio (31 jobs, one prefill per
-    sample and pass; the full --quick sweep is 61 jobs) to keep the suite short. PG-19 gets no query-aware pass."""
+    """The real script end to end, reduced to the middle and the most aggressive ratio (34 jobs, one prefill per
+    sample and pass; the full --quick sweep is 66 jobs) to keep the suite short. PG-19 gets no query-aware pass."""
     out = tmp_path / "results"
     result = script("--quick", "--ratios", "0.5,0.875", "--output-dir", str(out), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     board = out / "leaderboard"
     table = pd.read_csv(board / "leaderboard.csv")
-    ran = {(r.press, float(r.compression_ratio), bool(r.query_aware)) for r in table.itertuples()}
+    ran = sorted((r.press, float(r.compression_ratio)) for r in table.itertuples())
     ratios = (0.5, 0.875)
-    expected = {("no_press", 0.0, False)} | {(p, r, False) for p in COMPRESSING for r in ratios}
-    assert ran == expected and len(table) == len(expected)
+    # no_press twice: the sdpa baseline and the eager pass' own
+    expected = sorted([("no_press", 0.0)] * 2 + [(p, r) for p in COMPRESSING + NEEDS_EAGER for r in ratios])
+    assert ran == expected
     assert set(table["dataset"]) == {"pg19"} and set(table["model"]) == {"smollm2-135m"}
     # Every run directory holds the quick variant, and the presses were compared with the baseline.
-    assert all(name.endswith(f"__{QUICK_VARIANT}") for name in table["run_name"])
+    assert all(name.startswith("pg19__smollm2-135m__") and "__context_length=128__" in name for name in table["run_name"])
     plain_presses = (table["press"] != "no_press") & ~table["query_aware"].astype(bool)
     assert table.loc[plain_presses, "perplexity_delta"].notna().all()
     markdown = (board / "leaderboard.md").read_text()
     html = (board / "index.html").read_text()
-    for press in ["no_press", *COMPRESSING]:  # observed_attention is out of the sdpa sweep
+    for press in PRESSES:
         assert press in markdown and press in html
     assert "query-aware" not in markdown
     assert list(board.glob("*.png"))

@@ -13,7 +13,8 @@ from kvbench.generation import Prompt, _step, answer_prompts, base_model, contin
 from tests.tiny_models import tiny_model
 
 CONTEXT = 96
-HEAD_ADAPTIVE = ["adakv_snapkv", "expected_attention", "critical_adakv_snapkv", "adakv_compactor"]
+# Every registry press whose selections go through the head-adaptive paths (new presses join by themselves)
+HEAD_ADAPTIVE = [name for name in kvbench.PRESSES if kvbench.build_press(name).head_adaptive]
 
 
 class Tok:
@@ -37,6 +38,8 @@ def _cache(model, ids, press, layout="packed"):
 @pytest.mark.parametrize("name", HEAD_ADAPTIVE)
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 def test_packed_cache_holds_at_most_its_share_of_the_bytes(name, ratio):
+    assert {"adakv_snapkv", "expected_attention", "critical_adakv_snapkv", "adakv_compactor",
+            "critical_adakv_expected_attention", "pyramidkv"} <= set(HEAD_ADAPTIVE)
     model = tiny_model("llama")
     ids = _ids(CONTEXT, 0)
     full = kv_bytes(_cache(model, ids, kvbench.build_press("no_press")))
@@ -51,7 +54,7 @@ def test_packed_cache_holds_at_most_its_share_of_the_bytes(name, ratio):
 def test_packed_and_masked_layouts_decode_the_same_tokens(family, impl):
     model = tiny_model(family, impl)
     prompt = Prompt(_ids(CONTEXT, 1), [_ids(6, 2), _ids(4, 3)])
-    for name in ["adakv_snapkv", "critical_adakv_snapkv"]:
+    for name in HEAD_ADAPTIVE:
         press = kvbench.build_press(name, compression_ratio=0.5)
         packed = answer_prompts(model, Tok(), [prompt], [press], [[8, 8]], "packed")[0][0]
         masked = answer_prompts(model, Tok(), [prompt], [press], [[8, 8]], "masked")[0][0]

@@ -187,3 +187,28 @@ def test_analysis_refuses_a_folder_without_study_runs_in_one_line(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_the_study_runs_end_to_end_offline_on_the_packaged_model(tmp_path):
+    """Both presets (a grid cut to two budgets) on the packaged model with shared prefills, then the analysis: every
+    run reaches the CSV, with decode timings measured (decode_timing_tokens from the presets), not stand-ins."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "results"
+    data = ["dataset=pg19", "dataset.context_length=128", "dataset.eval_length=16", "dataset.num_books=1",
+            "dataset.max_windows_per_book=1", "budget=32,64", "hydra/launcher=shared_prefill", f"output_dir={out}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for preset in ("snapkv_grid", "snapkv_grid_baselines"):
+        result = subprocess.run([sys.executable, "-m", "kvbench", "-m", f"hydra/sweeper={preset}", *data], cwd=ROOT,
+                                capture_output=True, text=True, timeout=900, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert script().main([str(out), "--out", str(tmp_path / "figures"), "--model", "smollm2-135m"]) == 0
+    study = pd.read_csv(tmp_path / "figures" / "design_space.csv")
+    assert len(study) == 2 * 2 * 3 * 2 + 2 * 2  # snapkv: budgets x windows x kernels x poolings; no_press, knorm
+    assert (study["latency_source"] == "decode").all() and (study["seconds_per_token"] > 0).all()
+    snap = study[study["press"] == "snapkv"]
+    assert set(snap["kv_kept_fraction"].round(3)) == {0.25, 0.5}  # 32 and 64 of 128 tokens per head
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 4
