@@ -10,8 +10,11 @@ and the CriticalKV wrappers around Expected Attention, which add CriticalKV's co
 The share of one repeat is the press' scoring + selection seconds (``CompressionStats.seconds``: score, select and
 the cache rewrite of every layer) over the seconds of a no_press prefill run right before or after it; press and
 no_press alternate within each repeat (their order flips every repeat) so that noise from other processes on
-the machine hits both, and the table reports medians over the repeats. Presses that need attention weights are
-measured only under ``--attn eager`` (their no_press baseline is then an eager prefill too).
+the machine hits both. The verdict reads the fastest repeat of each (fastest scoring over fastest no_press
+prefill): on a shared or virtual machine the same prefill swings by tens of percent between runs, and interference
+only ever adds time, so the minimum is the best estimate of what the work itself costs (as ``timeit`` advises); the
+median of the per-repeat shares is printed next to it. Presses that need attention weights are measured only
+under ``--attn eager`` (their no_press baseline is then an eager prefill too).
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ PROJECTING_SCORERS: dict[type, float] = {ExpectedAttentionPress: 0.10, Compactor
 
 @dataclass
 class Measurement:
-    base: float  # median no_press prefill seconds
-    total: float  # median press prefill seconds
-    scoring: float  # median scoring + selection seconds
-    share: float  # median of the per-repeat shares scoring / base
+    base: float  # fastest no_press prefill seconds
+    total: float  # fastest press prefill seconds
+    scoring: float  # fastest scoring + selection seconds
+    share: float  # scoring / base: what the verdict reads
+    median_share: float  # median of the per-repeat shares scoring / base
 
 
 def target(name: str) -> float:
@@ -52,7 +56,7 @@ def needs_attention_weights(name: str) -> bool:
 
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, name: str, ratio: float, repeats: int) -> Measurement:
-    """Alternate no_press and press prefills ``repeats`` times; medians of each and of the per-repeat share."""
+    """Alternate no_press and press prefills ``repeats`` times; the fastest of each, and the median per-repeat share."""
     baseline, press = kvbench.build_press("no_press"), kvbench.build_press(name, compression_ratio=ratio)
     bases, totals, scorings, shares = [], [], [], []
     for repeat in range(repeats):
@@ -66,8 +70,7 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, name: str, ratio: float, 
                 totals.append(seconds)
                 scorings.append(stats.seconds)
         shares.append(scorings[-1] / bases[-1])
-    median = statistics.median
-    return Measurement(median(bases), median(totals), median(scorings), median(shares))
+    return Measurement(min(bases), min(totals), min(scorings), min(scorings) / min(bases), statistics.median(shares))
 
 
 def main() -> None:
@@ -86,10 +89,12 @@ def main() -> None:
 
     model, tokenizer = load_model(ModelSpec(args.model, attn_implementation=args.attn, device=args.device))
     ids = torch.randint(100, tokenizer.vocab_size - 1, (1, args.context), generator=torch.Generator().manual_seed(0))
-    prefill(model, ids[:, :256], kvbench.build_press("no_press"))  # warm-up
+    # Warm-up at the full length: the first prefill of a length pays for growing the allocator's pools (page faults
+    # on fresh memory), which would otherwise land on whichever press is measured first.
+    prefill(model, ids, kvbench.build_press("no_press"))
     print(f"model={args.model} device={model.device} dtype={model.dtype} attn={args.attn} context={args.context} "
-          f"ratio={args.ratio} torch_threads={torch.get_num_threads()} repeats={args.repeats} (medians)")
-    print(f"{'press':<36}{'no_press ms':>12}{'prefill ms':>12}{'score+select ms':>17}{'share':>9}  verdict")
+          f"ratio={args.ratio} torch_threads={torch.get_num_threads()} repeats={args.repeats} (fastest of each; median share too)")
+    print(f"{'press':<36}{'no_press ms':>12}{'prefill ms':>12}{'score+select ms':>17}{'share':>9}{'median':>9}  verdict")
     missed = []
     for name in names:
         if needs_attention_weights(name) and args.attn != "eager":
@@ -100,7 +105,8 @@ def main() -> None:
         ok = m.share <= limit
         missed += [] if ok else [name]
         verdict = f"{'ok' if ok else 'MISSED'} (target {limit:.0%})"
-        print(f"{name:<36}{m.base * 1000:>12.1f}{m.total * 1000:>12.1f}{m.scoring * 1000:>17.1f}{m.share:>9.2%}  {verdict}")
+        print(f"{name:<36}{m.base * 1000:>12.1f}{m.total * 1000:>12.1f}{m.scoring * 1000:>17.1f}{m.share:>9.2%}"
+              f"{m.median_share:>9.2%}  {verdict}", flush=True)
     print("all presses within target" if not missed else f"over target: {', '.join(missed)}")
 
 

@@ -58,9 +58,13 @@ def leverage(keys: torch.Tensor, sketch_dimension: int, generator: torch.Generat
     return whitened.square_().sum(dim=-1).clamp_min(0)
 
 
-# Chunks scored at once: their logits (group * chunk * chunk per KV head) stay in cache through the softmax and
-# the column sums; the whole context's logits at once would go through memory three times.
+# Chunks scored at once: their logits (group * chunk * chunk per KV head) stay in cache while they are
+# exponentiated and summed; the whole context's logits at once would go through memory several times.
 CHUNK_ELEMENTS = 1 << 20
+# exp() of a float32 below this is a denormal or zero: computing one takes the slow path of the vector exp (about
+# ten times the cost), and unscaled logits put a few percent of a real model's entries there. Clamping the shifted
+# logits here changes an attention weight by less than 2e-38.
+EXP_FLOOR = -87.0
 
 
 def chunked_attention_mass(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -70,23 +74,34 @@ def chunked_attention_mass(queries: torch.Tensor, keys: torch.Tensor, chunk_size
     size, so padded keys take a zero logit and padded queries spread uniform attention over the chunk: the
     method's published formulation, kept so rankings match it. The query heads sharing a KV head are stacked
     against that head's keys (no repeated keys), a few chunks at a time.
+
+    A key's mass is ``sum_i exp(l_ij - m_i) / Z_i``: the exponentiated logits are summed with the row weights
+    ``1 / Z_i`` as one batched vector-matrix product, so the softmax is never normalised in memory.
     """
     b, n_heads, seq_len, d = queries.shape
     kv_heads = keys.shape[1]
     group = n_heads // kv_heads
     n_chunks = math.ceil(seq_len / chunk_size)
-    pad = (0, 0, 0, n_chunks * chunk_size - seq_len)
-    # [b, kv, chunk, group * chunk_size, d]: the group's queries of one chunk, stacked
-    q = torch.nn.functional.pad(queries, pad).view(b, kv_heads, group, n_chunks, chunk_size, d)
-    q = q.transpose(2, 3).reshape(b, kv_heads, n_chunks, group * chunk_size, d)
-    k = torch.nn.functional.pad(keys, pad).view(b, kv_heads, n_chunks, chunk_size, d)
-    mass = queries.new_empty(b, kv_heads, n_chunks, group, chunk_size, dtype=torch.float32)
+    padded = n_chunks * chunk_size
+    # [b, kv, chunk, group * chunk_size, d]: the group's queries of one chunk, stacked (one copy, zeros after the end)
+    q = queries.new_zeros(b, kv_heads, n_chunks, group, chunk_size, d)
+    full, rest = divmod(seq_len, chunk_size)
+    grouped = queries.view(b, kv_heads, group, seq_len, d)
+    q[:, :, :full] = grouped[:, :, :, : full * chunk_size].view(b, kv_heads, group, full, chunk_size, d).transpose(2, 3)
+    if rest:
+        q[:, :, full, :, :rest] = grouped[:, :, :, full * chunk_size :]
+    q = q.view(b, kv_heads, n_chunks, group * chunk_size, d)
+    k = torch.nn.functional.pad(keys, (0, 0, 0, padded - seq_len)).view(b, kv_heads, n_chunks, chunk_size, d)
+    mass = queries.new_empty(b, kv_heads, n_chunks, group, 1, chunk_size, dtype=torch.float32)
     step = max(1, CHUNK_ELEMENTS // (b * kv_heads * group * chunk_size * chunk_size))
     for start in range(0, n_chunks, step):
         chunks = slice(start, start + step)
-        attn = (q[:, :, chunks] @ k[:, :, chunks].transpose(-1, -2)).float().softmax(dim=-1)
-        mass[:, :, chunks] = attn.view(*attn.shape[:3], group, chunk_size, chunk_size).sum(dim=-2)
-    return mass.transpose(2, 3).reshape(b, n_heads, n_chunks * chunk_size)[..., :seq_len]
+        weights = (q[:, :, chunks] @ k[:, :, chunks].transpose(-1, -2)).float()  # [b, kv, n, group * cs, cs]
+        weights = weights.sub_(weights.amax(dim=-1, keepdim=True)).clamp_min_(EXP_FLOOR).exp_()
+        rows = weights.sum(dim=-1).reciprocal_()
+        n = weights.shape[2]
+        mass[:, :, chunks] = rows.view(b, kv_heads, n, group, 1, chunk_size) @ weights.view(b, kv_heads, n, group, chunk_size, chunk_size)
+    return mass.view(b, kv_heads, n_chunks, group, chunk_size).transpose(2, 3).reshape(b, n_heads, padded)[..., :seq_len]
 
 
 @dataclass
