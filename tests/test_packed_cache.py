@@ -154,3 +154,22 @@ def test_a_batch_on_smollm2_keeps_the_positions_and_tokens_of_each_context_alone
                             ["What do the maps, ferries and choir have in common?"], "Answer:") for i in range(3)]
     assert len({p.context_ids.shape[-1] for p in prompts}) == 3
     _batch_matches_alone(model, tokenizer, prompts, monkeypatch, 12)
+
+
+def test_the_cpu_and_cuda_paths_over_a_packed_block_agree():
+    """The per-(sequence, head) views (CPU) and the gathered padded view (CUDA without flash-attn) attend the same
+    keys: outputs and log-sum-exps agree, a head that kept nothing included (output 0, lse -inf)."""
+    from kvbench.compression import packed_attention
+    from kvbench.compression.cache import pack_layer
+
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 20, 8, generator=generator), torch.randn(2, 3, 20, 8, generator=generator)
+    kept = torch.rand(2, 3, 20, generator=generator) < 0.6
+    kept[1, 2] = False
+    layer = pack_layer(keys, values, kept, 20)
+    query = torch.randn(2, 6, 4, 8, generator=generator)
+    out_a, lse_a = packed_attention._packed_part_segments(layer, query, 0.35)
+    out_b, lse_b = packed_attention._packed_part_torch(layer, query, 0.35)
+    torch.testing.assert_close(out_a, out_b)
+    torch.testing.assert_close(lse_a, lse_b)
+    assert torch.isinf(lse_a[1, 2]).all() and (out_a[1, 2] == 0).all()
