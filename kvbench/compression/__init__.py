@@ -178,7 +178,10 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, targ
     before = layer_bytes(layer)
     for target in targets:
         if lengths is None and target.cache is None and target.press.is_noop(seq_len):
-            continue  # compressing in place with nothing to remove: the layer stays as it is
+            # Nothing to remove: the same tensors, in a layer that decodes exactly as the compressed ones do (appends in
+            # place), so an uncompressed baseline is timed on the same cache implementation as the presses.
+            cache.layers[module.layer_idx] = CompressedLayer(layer.keys, layer.values, 0)
+            continue
         synchronize(hidden.device)
         start = time.perf_counter()
         if lengths is None:
@@ -197,7 +200,9 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, targ
         (target.cache if target.cache is not None else cache).layers[module.layer_idx] = compressed
     if all(target.cache is not None for target in targets):
         # Nothing reads this layer of the prefill's own cache again: free it now, not at the end of the prefill.
-        cache.layers[module.layer_idx] = CompressedLayer(layer.keys[..., :0, :], layer.values[..., :0, :], seq_len)
+        # (new empty tensors: an empty slice of the old ones would keep their storage alive)
+        empty = layer.keys.new_empty(*layer.keys.shape[:-2], 0, layer.keys.shape[-1])
+        cache.layers[module.layer_idx] = CompressedLayer(empty, layer.values.new_empty(*empty.shape[:-1], layer.values.shape[-1]), seq_len)
     return None
 
 

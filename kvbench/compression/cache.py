@@ -23,7 +23,39 @@ from transformers.cache_utils import Cache, DynamicLayer
 from kvbench.presses.selection import Selection, topk_positions
 
 
-class CompressedLayer(DynamicLayer):
+class AppendBuffer:
+    """Keys and values appended in place into spare capacity, not re-concatenated per token.
+
+    transformers' dynamic layer concatenates the whole layer for every new token, so a decode step copies the entire
+    cache (about a sixth of a SmolLM2 step on the CPU at 2k tokens). Here ``keys``/``values`` are views of buffers that
+    grow by an eighth (at least ``GROWTH`` tokens) when full: amortised, a token is written once. The buffers are used
+    only while ``keys``/``values`` are still views of them (anything else that reassigns them, e.g. a crop, makes the
+    next append start a new buffer), and a view cut shorter (``truncate``) is written over from its end. The spare
+    capacity is counted in ``layer_bytes`` (a storage is counted whole).
+    """
+
+    GROWTH = 64
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        n, added = self.keys.shape[-2], key_states.shape[-2]
+        buffers = getattr(self, "_buffers", None)
+        fits = buffers is not None and n + added <= buffers[0].shape[-2] and all(
+            view.data_ptr() == buffer.data_ptr() and view.shape[:-2] == buffer.shape[:-2] and view.stride() == buffer.stride()
+            for view, buffer in zip((self.keys, self.values), buffers))
+        if not fits:
+            capacity = n + added + max(self.GROWTH, (n + added) // 8)
+            buffers = tuple(torch.empty(*x.shape[:-2], capacity, x.shape[-1], dtype=x.dtype, device=x.device)
+                            for x in (self.keys, self.values))
+            buffers[0][..., :n, :] = self.keys
+            buffers[1][..., :n, :] = self.values
+            self._buffers = buffers
+        buffers[0][..., n : n + added, :] = key_states
+        buffers[1][..., n : n + added, :] = value_states
+        self.keys, self.values = buffers[0][..., : n + added, :], buffers[1][..., : n + added, :]
+        return self.keys, self.values
+
+
+class CompressedLayer(AppendBuffer, DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, removed: int, head_mask: torch.Tensor | None = None):
         super().__init__()
         self.keys, self.values = keys, values
@@ -66,7 +98,7 @@ class TailValidity:
         self.valid = self.valid[:, :length]
 
 
-class PackedLayer(DynamicLayer):
+class PackedLayer(AppendBuffer, DynamicLayer):
     """A compressed context stored per (sequence, head): ``packed_keys``/``packed_values`` ``[N, dim]`` in
     (sequence, head, position) order, ``lengths`` ``[batch, kv_heads]`` tokens each; ``keys``/``values`` are
     the dense tail of tokens appended since. ``context_length`` is the logical length the positions of later
@@ -138,8 +170,12 @@ def layer_of(cache, layer_idx: int):
 
 
 def layer_bytes(layer) -> int:
-    """Every tensor the layer holds: keys and values, and for compressed layers their masks, lengths, tails."""
-    return sum(v.nbytes for v in vars(layer).values() if isinstance(v, torch.Tensor))
+    """Every tensor the layer holds: keys and values, and for compressed layers their masks, lengths, tails and append
+    buffers. Memory is what is counted: a view counts its whole storage, and storages shared by several tensors once."""
+    tensors = [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+    tensors += [b for b in getattr(layer, "_buffers", None) or () if isinstance(b, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+    return sum(storages.values())
 
 
 def kv_bytes(cache: Cache) -> int:
