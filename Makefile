@@ -41,7 +41,7 @@ test: setup browser
 # (the plumbing is what depends on transformers' cache and mask API). CI runs it after `make test`.
 FLOOR_VENV ?= .venv-floor
 TRANSFORMERS_FLOOR := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
-FLOOR_TESTS := tests/test_compression.py tests/test_presses.py tests/test_reference.py
+FLOOR_TESTS := tests/test_compression.py tests/test_presses.py tests/test_reference.py tests/test_append_buffer.py
 
 test-floor:
 	test -x $(FLOOR_VENV)/bin/python || python3 -m venv $(FLOOR_VENV)

@@ -14,6 +14,7 @@ output directory, removed afterwards.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
+from _overrides import overrides_last
 from kvbench.__main__ import CONF_DIR
 from kvbench.runner import execute, get_model
 
@@ -56,7 +58,7 @@ def main() -> None:
     parser.add_argument("--press", default="adakv_snapkv")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("overrides", nargs="*", help=f"Hydra overrides (default: {' '.join(DEFAULTS)})")
-    args = parser.parse_args()
+    args = parser.parse_args(overrides_last(sys.argv[1:]))
     overrides = [*(args.overrides or DEFAULTS), f"press={args.press}", f"compression_ratio={args.ratio}"]
 
     with tempfile.TemporaryDirectory(prefix="kvbench-batch-") as tmp:

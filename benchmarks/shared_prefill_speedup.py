@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from _overrides import overrides_last
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.4
 PERPLEXITY_RTOL = 1e-5
@@ -80,7 +82,7 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for both sweeps (after the dataset's)")
-    args = parser.parse_args()
+    args = parser.parse_args(overrides_last(sys.argv[1:]))
 
     print(f"{'dataset':<8}{'jobs':>5}{'job by job s':>14}{'shared s':>10}{'ratio':>8}  verdict (target <= {TARGET})  results")
     for dataset in args.datasets:
