@@ -186,6 +186,13 @@ def run_identity(config: DictConfig, *, dtype: str, device_type: str) -> dict:
     }
 
 
+def identity_apart_from(identity: dict, config_keys: tuple[str, ...]) -> dict:
+    """The identity (as it reads back from JSON) without the given top-level config keys: what two runs must share
+    to share a prefill, or for one to be the other's uncompressed baseline."""
+    plain = _plain(identity)
+    return {**plain, "config": {k: v for k, v in plain["config"].items() if k not in config_keys}}
+
+
 def _flat(data, prefix: str = "") -> dict:
     if isinstance(data, dict):
         out = {}

@@ -7,12 +7,14 @@ their registries, the dataset module's declared ``KIND`` picks question answerin
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import logging
 import math
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -27,7 +29,7 @@ from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
 from kvbench.models import ModelSpec, load_config, load_model, max_length, resolve_device, resolve_dtype
 from kvbench.presses import build_press
-from kvbench.results import SPEED_COLUMNS, RunDirectory, run_identity, run_name
+from kvbench.results import SPEED_COLUMNS, RunDirectory, identity_apart_from, run_identity, run_name
 from kvbench.tracking import check_logger
 
 log = logging.getLogger("kvbench")
@@ -355,12 +357,30 @@ def summarize_speed(predictions: pd.DataFrame) -> dict:
     return speed
 
 
-def _baseline_metrics(cfg: DictConfig, variant: str) -> dict | None:
-    """The finished no_press run of the same windows (query-awareness means nothing without compression)."""
-    variant = "__".join(part for part in variant.split("__") if part and part != "query_aware")
-    name = run_name(cfg.dataset.name, cfg.model.name, "no_press", 0.0, variant)
-    baseline = RunDirectory(cfg.output_dir, name)
-    return baseline.metrics() if baseline.is_complete() else None
+# What a run may differ in from the no_press run it is compared with: the press and how much it removes, and
+# query-awareness (which means nothing without compression).
+BASELINE_FREE_KEYS = ("press", "compression_ratio", "budget", "query_aware")
+PREFILL_FREE_KEYS = ("press", "compression_ratio", "budget")
+
+
+def _baseline_metrics(cfg: DictConfig, identity: dict) -> dict | None:
+    """The finished no_press run of the same windows, found by its recorded identity, not by its name.
+
+    A name carries the press' own parameters (``press.clustering=kmeans``) and may end in a digest, neither of which
+    the baseline's name shares; and an equal name says nothing of the versions, dtype or device that computed it.
+    So the baseline is any complete no_press run of this dataset and model whose identity equals this run's apart
+    from ``BASELINE_FREE_KEYS``; none, and the run records no comparison rather than a wrong one.
+    """
+    wanted = identity_apart_from(identity, BASELINE_FREE_KEYS)
+    prefix = run_name(cfg.dataset.name, cfg.model.name, "no_press", 0.0)
+    for path in sorted(Path(cfg.output_dir).glob(glob.escape(prefix) + "*")):
+        candidate = RunDirectory(cfg.output_dir, path.name)
+        recorded = candidate.recorded_identity()
+        if (isinstance(recorded, dict) and isinstance(recorded.get("config"), dict)
+                and (recorded["config"].get("press") or {}).get("name") == "no_press" and candidate.is_complete()
+                and identity_apart_from(recorded, BASELINE_FREE_KEYS) == wanted):
+            return candidate.metrics()
+    return None
 
 
 def expected_identity(cfg: DictConfig) -> dict:
@@ -376,9 +396,7 @@ def expected_identity(cfg: DictConfig) -> dict:
 
 def prefill_group_key(cfg: DictConfig) -> str:
     """What jobs must share to share one prefill: the run identity without the press and how much it removes."""
-    identity = expected_identity(cfg)
-    config = {k: v for k, v in identity["config"].items() if k not in ("press", "compression_ratio", "budget")}
-    return json.dumps({**identity, "config": config}, sort_keys=True, default=str)
+    return json.dumps(identity_apart_from(expected_identity(cfg), PREFILL_FREE_KEYS), sort_keys=True)
 
 
 def _prepare(cfg: DictConfig, variant: str) -> Job:
@@ -491,7 +509,7 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
         device=str(ctx.model.device),
     )
     if kind == "perplexity" and cfg.press.name != "no_press" and hasattr(scorer, "compare_to_baseline"):
-        baseline = _baseline_metrics(cfg, job.variant)
+        baseline = _baseline_metrics(cfg, job.identity)
         if baseline is not None:
             metrics.update(scorer.compare_to_baseline(metrics, baseline))
     staging = job.directory.staging()

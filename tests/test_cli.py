@@ -219,3 +219,26 @@ def test_a_result_of_another_setup_is_not_reused(tmp_path, books):
     rerun = kvbench(*args, "overwrite=true")
     assert rerun.returncode == 0 and "score =" in rerun.stdout
     assert json.loads((run_dir / "identity.json").read_text())["kvbench_version"] != "0.0.1"
+
+
+def test_a_press_with_its_own_parameters_is_compared_with_the_baseline_of_its_windows_only(tmp_path, books):
+    """The baseline is found by identity: a press parameter in the run's name (press.clustering=kmeans) does not hide
+    it, and a no_press result of another setup (here: another transformers) is not taken for it."""
+    out = tmp_path / "results"
+    common = ("dataset.max_windows_per_book=2",)
+    assert kvbench(*pg19_args(books, out, "press=no_press", *common)).returncode == 0
+    (baseline_dir,) = complete_dirs(out)
+    baseline = json.loads((baseline_dir / "metrics.json").read_text())
+    kmeans = kvbench(*pg19_args(books, out, "press=snapkv", "press.clustering=kmeans", "compression_ratio=0.5", *common))
+    assert kmeans.returncode == 0, kmeans.stderr[-2000:]
+    (run_dir,) = [p for p in complete_dirs(out) if "__snapkv__" in p.name]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["no_press_perplexity"] == pytest.approx(baseline["perplexity"], rel=1e-12)
+    assert metrics["ratio"] == pytest.approx(metrics["perplexity"] / baseline["perplexity"])
+    identity = json.loads((baseline_dir / "identity.json").read_text())
+    identity["transformers"] = "0.0.1"  # as if another transformers had computed the baseline
+    (baseline_dir / "identity.json").write_text(json.dumps(identity))
+    knorm = kvbench(*pg19_args(books, out, "press=knorm", "compression_ratio=0.5", *common))
+    assert knorm.returncode == 0, knorm.stderr[-2000:]
+    (knorm_dir,) = [p for p in complete_dirs(out) if "__knorm__" in p.name]
+    assert "no_press_perplexity" not in json.loads((knorm_dir / "metrics.json").read_text())
