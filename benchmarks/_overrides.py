@@ -8,9 +8,13 @@ argparse gives an option with ``nargs="+"`` every following word that does not s
 from __future__ import annotations
 
 
+def _is_override(word: str) -> bool:
+    return "=" in word and not word.startswith("-")
+
+
 def overrides_last(argv: list[str]) -> list[str]:
     if "--" in argv:  # the user already separated them
         return argv
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    options = [a for a in argv if not ("=" in a and not a.startswith("-"))]
+    overrides = [a for a in argv if _is_override(a)]
+    options = [a for a in argv if not _is_override(a)]
     return [*options, "--", *overrides] if overrides else options

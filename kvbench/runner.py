@@ -376,9 +376,7 @@ def _baseline_metrics(cfg: DictConfig, identity: dict) -> dict | None:
     for path in sorted(Path(cfg.output_dir).glob(glob.escape(prefix) + "*")):
         candidate = RunDirectory(cfg.output_dir, path.name)
         recorded = candidate.recorded_identity()
-        if (isinstance(recorded, dict) and isinstance(recorded.get("config"), dict)
-                and (recorded["config"].get("press") or {}).get("name") == "no_press" and candidate.is_complete()
-                and identity_apart_from(recorded, BASELINE_FREE_KEYS) == wanted):
+        if recorded and candidate.is_complete() and identity_apart_from(recorded, BASELINE_FREE_KEYS) == wanted:
             return candidate.metrics()
     return None
 

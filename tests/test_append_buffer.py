@@ -38,7 +38,7 @@ def test_the_tensors_a_layer_was_built_from_are_never_written():
     assert torch.equal(keys, original_k) and torch.equal(values, original_v)
 
 
-def test_after_a_truncate_the_context_survives_and_the_next_answer_writes_over_the_old_one():
+def test_after_a_truncate_the_context_survives_and_the_next_answer_follows_it():
     keys, values = _kv(1, 2, 16, 2)
     layer = CompressedLayer(keys.clone(), values.clone(), removed=4)
     cache = type("Cache", (), {"layers": [layer]})()

@@ -200,9 +200,8 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, targ
         (target.cache if target.cache is not None else cache).layers[module.layer_idx] = compressed
     if all(target.cache is not None for target in targets):
         # Nothing reads this layer of the prefill's own cache again: free it now, not at the end of the prefill.
-        # (new empty tensors: an empty slice of the old ones would keep their storage alive)
-        empty = layer.keys.new_empty(*layer.keys.shape[:-2], 0, layer.keys.shape[-1])
-        cache.layers[module.layer_idx] = CompressedLayer(empty, layer.values.new_empty(*empty.shape[:-1], layer.values.shape[-1]), seq_len)
+        # (cloned: an empty slice of the old tensors would keep their storage alive)
+        cache.layers[module.layer_idx] = CompressedLayer(layer.keys[..., :0, :].clone(), layer.values[..., :0, :].clone(), seq_len)
     return None
 
 
