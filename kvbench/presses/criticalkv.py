@@ -4,8 +4,13 @@ Stage one keeps the top ``first_stage_ratio`` share of the budget by the base sc
 rest by ``(score + epsilon) * ||V_h W_O^h||_1``, the size of each token's contribution after the head's
 slice of the output projection (averaged over the query heads sharing a KV head).
 
-The projected norm costs about one output projection over the context, the wrapper's whole cost, so it is
-computed only where stage two reads it: stage-one tokens are kept whatever their norm.
+The projected norm costs one output projection per token it is computed for, nearly the wrapper's whole cost.
+So it is computed only where the selection depends on it: never for stage-one tokens (kept whatever their norm),
+and in stage two only for tokens whose score could still reach the head's stage-two slots. A cheap upper bound
+of every token's norm (a weighted Cauchy-Schwarz bound, one ``d x d`` quadratic form per token instead of a
+``d x group*hidden`` product) ranks the candidates; exact norms are computed best-bound first, and the tokens
+whose bound falls below the best exact scores found so far are left out, as they cannot be selected. The kept
+tokens are exactly those of the full computation.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from kvbench.presses.base import LayerState
 # Rows of the context projected at once: the [rows, group * hidden] product stays in the core's cache while its L1
 # norm is taken (a whole-context product is written to and read back from memory, which costs twice the product).
 NORM_BLOCK = 512
+# Every 8th token estimates the per-column weights of the bound: any positive weights give a valid bound, the
+# estimate only makes it tight.
+WEIGHT_SAMPLE_STRIDE = 8
+# Slack of the bounds over fp32 rounding (of the bound and of the exact norms it is compared with): a token is left
+# out only when even its slackened bound stays below the threshold.
+BOUND_SLACK = 1e-3
 
 
 def grouped_output_weight(state: LayerState) -> torch.Tensor:
@@ -50,26 +61,101 @@ def _row_norms(values: torch.Tensor, weight: torch.Tensor, group: int, block: to
     return out.div_(group)
 
 
-def projected_value_norm(state: LayerState, skip: torch.Tensor | None = None) -> torch.Tensor:
-    """``||v W_O^h||_1`` per (kv head, token), mean over the GQA group: [b, kv_heads, L] (fp32).
+def _quadratic_form(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``v^T G v`` per row of ``values`` ``[n, L, d]`` (``gram`` ``[n, d, d]``, PSD), raised by a bound of its fp32
+    rounding error (relative to ``|v|^2 tr G``, which no cancellation can exceed). Plain ``bmm``: broadcast 4-d
+    matmuls take a path several times slower on CPU."""
+    form = torch.bmm(values, gram).mul_(values).sum(dim=-1).clamp_min_(0)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1, keepdim=True)
+    return form.add_(values.square().sum(dim=-1).mul_(trace * 1e-5))
 
-    Positions where ``skip`` ([b, kv_heads, L] bool) is True are not computed and hold 0: the caller must not
-    read them (stage-one tokens, which the selection forces in).
+
+def norm_bounds(values: torch.Tensor, weight: torch.Tensor, group: int,
+                lower: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Lower and upper bounds of ``||v W||_1 / group`` for every row of ``values`` ``[b, kv_heads, L, d]``
+    (``weight`` ``[kv_heads, d, m]``), at the cost of one ``d x d`` quadratic form per row and bound.
+
+    Upper: for any positive column weights ``c``, ``||x||_1 <= sqrt(sum c) * sqrt(sum x_j^2 / c_j)`` (Cauchy-Schwarz),
+    and ``sum x_j^2 / c_j = v^T (W diag(1/c) W^T) v``. With ``c_j`` the RMS of column ``j`` over the head's tokens
+    the bound is tight up to the shape of the coordinates' distribution (about 1.2x on real values).
+    Lower (only with ``lower``; negative scores need it, their best case is the smallest norm):
+    ``||x||_1 >= ||x||_2 = sqrt(v^T W W^T v)``.
     """
+    b, kv_heads, seq_len, d = values.shape
+    rows = values.reshape(b * kv_heads, seq_len, d)
+    weight = weight.expand(b, *weight.shape).reshape(b * kv_heads, d, -1)
+    sample = rows[:, ::WEIGHT_SAMPLE_STRIDE]
+    second_moment = torch.bmm(sample.transpose(-1, -2), sample).div_(sample.shape[-2])
+    column_ms = torch.bmm(second_moment, weight).mul_(weight).sum(dim=-2)  # mean square of each projected column
+    rms = column_ms.clamp_min_(0).sqrt_()
+    rms = rms.clamp_min(rms.amax(dim=-1, keepdim=True).clamp_min(1e-30) * 1e-6)  # strictly positive weights
+    weighted_gram = torch.bmm(weight / rms[:, None, :], weight.transpose(-1, -2))
+    upper = _quadratic_form(rows, weighted_gram).mul_(rms.sum(dim=-1, keepdim=True)).sqrt_()
+    upper = upper.view(b, kv_heads, seq_len).mul_((1 + BOUND_SLACK) / group)
+    if not lower:
+        return None, upper
+    gram = torch.bmm(weight, weight.transpose(-1, -2))
+    low = torch.bmm(rows, gram).mul_(rows).sum(dim=-1).clamp_min_(0).sqrt_()
+    return low.view(b, kv_heads, seq_len).mul_((1 - BOUND_SLACK) / group), upper
+
+
+def _pruned_head(values: torch.Tensor, weight: torch.Tensor, group: int, block: torch.Tensor, factor: torch.Tensor,
+                 best_case: torch.Tensor, slots: int) -> torch.Tensor:
+    """One head's stage-two scores ``factor * norm`` over its candidate rows (``values`` ``[n, d]``): exact where the
+    row could take one of the ``slots``, ``-inf`` where its ``best_case`` (an upper bound of its score) stays below
+    the ``slots``-th best exact score. Rows are computed best bound first, a block at a time, the threshold raised
+    after each block, so few rows are computed that turn out not to be needed."""
+    out = torch.full_like(factor, float("-inf"))
+    order = best_case.argsort(descending=True)
+    ranked_bounds = best_case[order]
+    best = factor.new_empty(0)
+    done, reachable = 0, values.shape[0]
+    while done < reachable:
+        take = slots if done == 0 else min(block.shape[0], reachable - done)
+        rows = order[done : done + take]
+        exact = factor[rows] * _row_norms(values[rows], weight, group, block)
+        out[rows] = exact
+        best = torch.cat([best, exact]).topk(slots).values
+        done += take
+        # rows whose bound reaches the slots-th best exact score so far (the bounds are sorted)
+        reachable = int((ranked_bounds >= best[-1]).sum())
+    return out
+
+
+def stage_two_scores(scores: torch.Tensor, state: LayerState, stage_one: torch.Tensor, slots: torch.Tensor,
+                     epsilon: float) -> torch.Tensor:
+    """``(score + epsilon) * ||v W_O||_1`` where the selection can depend on it, for ``slots`` ``[b, kv_heads]``
+    stage-two picks per head: stage-one tokens hold ``+inf``, tokens that cannot be picked ``-inf``.
+
+    A head whose slots are over half its candidates computes every candidate's norm: the bounds would leave out
+    too few rows to pay for themselves."""
     values = state.values.detach().float()
-    b, kv_heads, seq_len, _ = values.shape
+    b, kv_heads, _, _ = values.shape
     weight = grouped_output_weight(state)
     group, weight = weight.shape[2], weight.flatten(2)
-    block = values.new_empty(min(NORM_BLOCK, seq_len), weight.shape[-1])
-    norms = values.new_zeros(b, kv_heads, seq_len)
+    factor = scores.float() + epsilon
+    candidates = ~stage_one
+    slots = torch.minimum(slots.to(candidates.device), candidates.sum(dim=-1))
+    prune = 2 * slots <= candidates.sum(dim=-1)
+    best_case = None
+    if bool(prune.any()):
+        positive = bool((factor > 0).all())
+        lower, upper = norm_bounds(values, weight, group, lower=not positive)
+        best_case = factor * upper if positive else torch.where(factor > 0, factor * upper, factor * lower)
+    block = values.new_empty(min(NORM_BLOCK, values.shape[-2]), weight.shape[-1])
+    out = torch.full_like(factor, float("-inf"))
     for i in range(b):
         for h in range(kv_heads):
-            if skip is None:
-                norms[i, h] = _row_norms(values[i, h], weight[h], group, block)
+            k = int(slots[i, h])
+            if k == 0:
+                continue
+            rows = candidates[i, h].nonzero().squeeze(-1)
+            if prune[i, h]:
+                out[i, h, rows] = _pruned_head(values[i, h, rows], weight[h], group, block, factor[i, h, rows],
+                                               best_case[i, h, rows], k)
             else:
-                rows = (~skip[i, h]).nonzero().squeeze(-1)
-                norms[i, h, rows] = _row_norms(values[i, h, rows], weight[h], group, block)
-    return norms
+                out[i, h, rows] = factor[i, h, rows] * _row_norms(values[i, h, rows], weight[h], group, block)
+    return selection.forced(out, stage_one)
 
 
 @dataclass
@@ -77,15 +163,11 @@ class CriticalKVPress(WrapperPress):
     first_stage_ratio: float = 0.5
     epsilon: float = 1e-4
 
-    def rescaled(self, scores: torch.Tensor, state: LayerState, stage_one: torch.Tensor) -> torch.Tensor:
-        """Stage-two scores, with the ``stage_one`` tokens raised above everything (their norm is not computed)."""
-        norms = projected_value_norm(state, skip=stage_one)
-        return selection.forced((scores.float() + self.epsilon) * norms, stage_one)
-
     def select(self, scores: torch.Tensor, state: LayerState, n_kept: int) -> selection.Selection:
-        first = scores.topk(int(n_kept * self.first_stage_ratio), dim=-1).indices
-        stage_one = selection.mask_from_indices(first, scores.shape[-1])
-        return selection.uniform(self.rescaled(scores, state, stage_one), n_kept)
+        n_first = int(n_kept * self.first_stage_ratio)
+        stage_one = selection.mask_from_indices(scores.topk(n_first, dim=-1).indices, scores.shape[-1])
+        slots = torch.full(scores.shape[:2], n_kept - n_first)
+        return selection.uniform(stage_two_scores(scores, state, stage_one, slots, self.epsilon), n_kept)
 
 
 @dataclass
@@ -105,4 +187,5 @@ class CriticalAdaKVPress(CriticalKVPress):
         first = (budgets * self.first_stage_ratio).long().clamp_min(int(n_kept * self.alpha_safeguard))
         # selection.two_stage, with the stage-one mask computed first so the norms can skip it
         stage_one = selection.ranks(scores) < first[..., None]
-        return selection.Selection(mask=selection.ranks(self.rescaled(scores, state, stage_one)) < budgets[..., None])
+        rescaled = stage_two_scores(scores, state, stage_one, (budgets - first).clamp_min(0), self.epsilon)
+        return selection.Selection(mask=selection.ranks(rescaled) < budgets[..., None])

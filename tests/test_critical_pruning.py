@@ -1,0 +1,122 @@
+"""CriticalKV computes the projected value norm only where the selection can depend on it: the bounds it prunes
+with must hold, the tokens it keeps must be those of the full computation, and it must really compute fewer norms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvbench.presses import criticalkv
+from kvbench.presses.base import LayerState
+from kvbench.presses.criticalkv import CriticalAdaKVPress, CriticalKVPress
+
+
+def _attention(kv_heads: int, group: int, head_dim: int, hidden: int, generator: torch.Generator) -> torch.nn.Module:
+    """What CriticalKV reads of an attention module; the output projection's columns at very different scales, as
+    in trained models (a bound tight only for isotropic columns would fail here)."""
+    module = torch.nn.Module()
+    module.config = type("Config", (), {"model_type": "llama"})()
+    module.o_proj = torch.nn.Linear(kv_heads * group * head_dim, hidden, bias=False)
+    scales = torch.logspace(-1, 1, hidden)[:, None]
+    with torch.no_grad():
+        module.o_proj.weight.copy_(torch.randn(hidden, kv_heads * group * head_dim, generator=generator) * scales)
+    return module
+
+
+def _state(batch: int, kv_heads: int, group: int, seq_len: int, head_dim: int = 16, hidden: int = 48, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    module = _attention(kv_heads, group, head_dim, hidden, generator)
+    # values with uneven dims and a shared offset, like real ones, and every other token sparse (two dims only): the
+    # bound's tightness then differs from token to token, so a bound that is too low changes which tokens are kept
+    values = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator) * torch.linspace(0.2, 3, head_dim)
+    values = values + torch.randn(head_dim, generator=generator)
+    sparse = torch.zeros_like(values).scatter_(-1, torch.randint(0, head_dim, (batch, kv_heads, seq_len, 2), generator=generator), 1.0)
+    values[:, :, 1::2] = (values * sparse * 3)[:, :, 1::2]
+    return LayerState(module=module, layer_idx=0, hidden_states=torch.zeros(batch, seq_len, hidden), keys=values.clone(),
+                      values=values, cos=None, sin=None, rotary=None)
+
+
+def _exact_norms(state: LayerState) -> torch.Tensor:
+    """||v W_O^q||_1 averaged over the group, every token, in float64 (no pruning, no blocking)."""
+    values = state.values.double()
+    b, kv_heads, seq_len, d = values.shape
+    weight = state.module.o_proj.weight.detach().double()  # [hidden, H * d]
+    group = weight.shape[1] // (kv_heads * d)
+    per_query = weight.T.reshape(kv_heads, group, d, -1)  # [kv, g, d, hidden]
+    return torch.einsum("bhld,hgdo->bhlgo", values, per_query).abs().sum(dim=-1).mean(dim=-1)
+
+
+def _heavy_tailed_scores(shape, generator: torch.Generator, signed: bool = False, tail: float = 6) -> torch.Tensor:
+    """Attention-like votes: a few large, most tiny (pruning has something to prune; ``tail`` 1 = flat votes, where
+    the norms decide most of stage two); optionally of both signs."""
+    scores = torch.rand(*shape, generator=generator).pow(tail)
+    return scores - 0.05 if signed else scores
+
+
+@pytest.mark.parametrize("batch,kv_heads,group,seq_len", [(1, 3, 3, 400), (2, 2, 4, 257)])
+def test_the_norm_bounds_hold_for_every_token(batch, kv_heads, group, seq_len):
+    state = _state(batch, kv_heads, group, seq_len)
+    weight = criticalkv.grouped_output_weight(state).flatten(2)
+    lower, upper = criticalkv.norm_bounds(state.values.float(), weight, group)
+    exact = _exact_norms(state).float()
+    assert bool((upper >= exact).all()) and bool((lower <= exact).all())
+    # tight enough to prune: the upper bound is within a small factor of the norm, not the sqrt(m) of plain norms
+    assert float((upper / exact).mean()) < 1.5
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("tail", [1, 6])
+@pytest.mark.parametrize("block", [criticalkv.NORM_BLOCK, 16])
+@pytest.mark.parametrize("press_cls", [CriticalKVPress, CriticalAdaKVPress])
+def test_pruned_selection_keeps_exactly_the_tokens_of_the_full_computation(ratio, signed, tail, block, press_cls, monkeypatch):
+    monkeypatch.setattr(criticalkv, "NORM_BLOCK", block)  # small blocks: many rounds of raising the threshold
+    batch, kv_heads, group, seq_len = 2, 3, 3, 600
+    state = _state(batch, kv_heads, group, seq_len, seed=int(ratio * 100) + signed)
+    generator = torch.Generator().manual_seed(7)
+    scores = _heavy_tailed_scores((batch, kv_heads, seq_len), generator, signed, tail)
+    press = press_cls(compression_ratio=ratio)
+    n_kept = press.n_kept(seq_len)
+
+    chosen = press.select(scores, state, n_kept)
+    # the same two stages with every norm computed (float64): top n_first by score, then by (score + eps) * norm
+    factor = (scores.double() + press.epsilon) * _exact_norms(state)
+    if press_cls is CriticalKVPress:
+        first = torch.full((batch, kv_heads), int(n_kept * press.first_stage_ratio))
+        budgets = torch.full((batch, kv_heads), n_kept)
+    else:
+        from kvbench.presses import selection
+        budgets = selection.adakv(scores, n_kept, press.alpha_safeguard).mask.sum(dim=-1)
+        first = (budgets * press.first_stage_ratio).long().clamp_min(int(n_kept * press.alpha_safeguard))
+    kept = chosen.mask if chosen.head_adaptive else torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen.indices, True)
+    for i in range(batch):
+        for h in range(kv_heads):
+            stage_one = set(scores[i, h].argsort(descending=True)[: int(first[i, h])].tolist())
+            rest = [t for t in factor[i, h].argsort(descending=True).tolist() if t not in stage_one]
+            expected = stage_one | set(rest[: int(budgets[i, h]) - len(stage_one)])
+            assert set(kept[i, h].nonzero().squeeze(-1).tolist()) == expected
+
+
+def test_high_compression_computes_few_norms(monkeypatch):
+    """At r = 0.875 most candidates cannot reach the few stage-two slots: their norms are never computed."""
+    computed = []
+    row_norms = criticalkv._row_norms
+    monkeypatch.setattr(criticalkv, "_row_norms", lambda values, *rest: computed.append(values.shape[0]) or row_norms(values, *rest))
+    batch, kv_heads, group, seq_len = 1, 3, 3, 2048
+    state = _state(batch, kv_heads, group, seq_len)
+    scores = _heavy_tailed_scores((batch, kv_heads, seq_len), torch.Generator().manual_seed(3))
+    press = CriticalKVPress(compression_ratio=0.875)
+    n_kept = press.n_kept(seq_len)
+    press.select(scores, state, n_kept)
+    candidates = kv_heads * (seq_len - int(n_kept * press.first_stage_ratio))
+    slots = kv_heads * (n_kept - int(n_kept * press.first_stage_ratio))
+    assert slots <= sum(computed) < 0.5 * candidates
+
+
+def test_low_compression_computes_every_candidate_without_bounds(monkeypatch):
+    """Slots over half the candidates: bounds would prune too little to pay for themselves, so none are taken."""
+    monkeypatch.setattr(criticalkv, "norm_bounds", lambda *a, **k: pytest.fail("bounds computed at low compression"))
+    state = _state(1, 2, 2, 300)
+    scores = _heavy_tailed_scores((1, 2, 300), torch.Generator().manual_seed(5))
+    press = CriticalKVPress(compression_ratio=0.25)
+    assert press.select(scores, state, press.n_kept(300)).indices.shape == (1, 2, press.n_kept(300))
