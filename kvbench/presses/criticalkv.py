@@ -135,8 +135,9 @@ def stage_two_scores(scores: torch.Tensor, state: LayerState, stage_one: torch.T
     group, weight = weight.shape[2], weight.flatten(2)
     factor = scores.float() + epsilon
     candidates = ~stage_one
-    slots = torch.minimum(slots.to(candidates.device), candidates.sum(dim=-1))
-    prune = 2 * slots <= candidates.sum(dim=-1)
+    n_candidates = candidates.sum(dim=-1)
+    slots = torch.minimum(slots.to(candidates.device), n_candidates)
+    prune = 2 * slots <= n_candidates
     best_case = None
     if bool(prune.any()):
         positive = bool((factor > 0).all())
