@@ -6,26 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.presses import criticalkv
+from kvbench.presses import criticalkv, selection
 from kvbench.presses.base import LayerState
 from kvbench.presses.criticalkv import CriticalAdaKVPress, CriticalKVPress
-
-
-def _attention(kv_heads: int, group: int, head_dim: int, hidden: int, generator: torch.Generator) -> torch.nn.Module:
-    """What CriticalKV reads of an attention module; the output projection's columns at very different scales, as
-    in trained models (a bound tight only for isotropic columns would fail here)."""
-    module = torch.nn.Module()
-    module.config = type("Config", (), {"model_type": "llama"})()
-    module.o_proj = torch.nn.Linear(kv_heads * group * head_dim, hidden, bias=False)
-    scales = torch.logspace(-1, 1, hidden)[:, None]
-    with torch.no_grad():
-        module.o_proj.weight.copy_(torch.randn(hidden, kv_heads * group * head_dim, generator=generator) * scales)
-    return module
+from tests.tiny_models import output_projection_module
 
 
 def _state(batch: int, kv_heads: int, group: int, seq_len: int, head_dim: int = 16, hidden: int = 48, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    module = _attention(kv_heads, group, head_dim, hidden, generator)
+    # output columns at very different scales, as in trained models (a bound tight only for isotropic columns fails)
+    module = output_projection_module(kv_heads, group, head_dim, hidden, generator, torch.logspace(-1, 1, hidden))
     # values with uneven dims and a shared offset, like real ones, and every other token sparse (two dims only): the
     # bound's tightness then differs from token to token, so a bound that is too low changes which tokens are kept
     values = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator) * torch.linspace(0.2, 3, head_dim)
@@ -57,7 +47,8 @@ def _heavy_tailed_scores(shape, generator: torch.Generator, signed: bool = False
 def test_the_norm_bounds_hold_for_every_token(batch, kv_heads, group, seq_len):
     state = _state(batch, kv_heads, group, seq_len)
     weight = criticalkv.grouped_output_weight(state).flatten(2)
-    lower, upper = criticalkv.norm_bounds(state.values.float(), weight, group)
+    lower = criticalkv.norm_lower_bound(state.values.float(), weight, group)
+    upper = criticalkv.norm_upper_bound(state.values.float(), weight, group)
     exact = _exact_norms(state).float()
     assert bool((upper >= exact).all()) and bool((lower <= exact).all())
     # tight enough to prune: the upper bound is within a small factor of the norm, not the sqrt(m) of plain norms
@@ -85,7 +76,6 @@ def test_pruned_selection_keeps_exactly_the_tokens_of_the_full_computation(ratio
         first = torch.full((batch, kv_heads), int(n_kept * press.first_stage_ratio))
         budgets = torch.full((batch, kv_heads), n_kept)
     else:
-        from kvbench.presses import selection
         budgets = selection.adakv(scores, n_kept, press.alpha_safeguard).mask.sum(dim=-1)
         first = (budgets * press.first_stage_ratio).long().clamp_min(int(n_kept * press.alpha_safeguard))
     kept = chosen.mask if chosen.head_adaptive else torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen.indices, True)
@@ -115,7 +105,7 @@ def test_high_compression_computes_few_norms(monkeypatch):
 
 def test_low_compression_computes_every_candidate_without_bounds(monkeypatch):
     """Slots over half the candidates: bounds would prune too little to pay for themselves, so none are taken."""
-    monkeypatch.setattr(criticalkv, "norm_bounds", lambda *a, **k: pytest.fail("bounds computed at low compression"))
+    monkeypatch.setattr(criticalkv, "norm_upper_bound", lambda *a, **k: pytest.fail("bounds computed at low compression"))
     state = _state(1, 2, 2, 300)
     scores = _heavy_tailed_scores((1, 2, 300), torch.Generator().manual_seed(5))
     press = CriticalKVPress(compression_ratio=0.25)

@@ -14,6 +14,7 @@ from kvbench.presses import PRESSES, press_parameters, selection
 from kvbench.presses.compactor import leverage
 from kvbench.presses.expected_attention import mean_rotation
 from kvbench.presses.snapkv import pool_same_length
+from tests.tiny_models import output_projection_module
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "press"
 
@@ -93,16 +94,6 @@ def test_every_press_has_a_config_file_listing_its_parameters(name):
     assert config == {"name": name, **expected}
 
 
-def _fake_attention(kv_heads: int, group: int, head_dim: int, hidden: int, generator: torch.Generator) -> torch.nn.Module:
-    """Just what CriticalKV reads of an attention module: the family name and the output projection."""
-    module = torch.nn.Module()
-    module.config = type("Config", (), {"model_type": "llama"})()
-    module.o_proj = torch.nn.Linear(kv_heads * group * head_dim, hidden, bias=False)
-    with torch.no_grad():
-        module.o_proj.weight.copy_(torch.randn(hidden, kv_heads * group * head_dim, generator=generator))
-    return module
-
-
 def _loop_value_norm(values: torch.Tensor, weight: torch.Tensor, group: int) -> list:
     """||v W_O^h||_1 per (batch, kv head, token), mean over the query heads of the group: plain loops."""
     b, kv_heads, seq_len, d = values.shape
@@ -155,7 +146,7 @@ def test_critical_adakv_selection_matches_a_straightforward_loop(batch, kv_heads
 
     generator = torch.Generator().manual_seed(seq_len * 7 + kv_heads)
     head_dim, hidden = 4, 8
-    module = _fake_attention(kv_heads, group, head_dim, hidden, generator)
+    module = output_projection_module(kv_heads, group, head_dim, hidden, generator)
     values = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator)
     state = LayerState(module=module, layer_idx=0, hidden_states=torch.zeros(batch, seq_len, hidden), keys=values.clone(),
                        values=values, cos=None, sin=None, rotary=None)

@@ -37,3 +37,16 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0):
     model = FAMILIES[family]().eval()
     model.set_attn_implementation(attn_implementation)
     return model
+
+
+def output_projection_module(kv_heads: int, group: int, head_dim: int, hidden: int, generator: torch.Generator,
+                             column_scales: torch.Tensor | None = None) -> torch.nn.Module:
+    """Just what CriticalKV reads of an attention module: the family name and a random output projection
+    (``column_scales`` ``[hidden]`` scales its output columns, as uneven as a trained model's)."""
+    module = torch.nn.Module()
+    module.config = type("Config", (), {"model_type": "llama"})()
+    module.o_proj = torch.nn.Linear(kv_heads * group * head_dim, hidden, bias=False)
+    weight = torch.randn(hidden, kv_heads * group * head_dim, generator=generator)
+    with torch.no_grad():
+        module.o_proj.weight.copy_(weight if column_scales is None else weight * column_scales[:, None])
+    return module
