@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvbench-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data browser run test test-floor bench bench-speed bench-sweep snapkv-study leaderboard clean-results
+.PHONY: setup data browser run test test-floor bench bench-speed bench-sweep bench-gpu snapkv-study leaderboard clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -63,6 +63,11 @@ bench-sweep: setup
 	$(PY) benchmarks/shared_prefill_speedup.py
 	$(PY) benchmarks/cache_bytes.py --ratios 0.5 0.75
 	$(PY) benchmarks/batch_throughput.py --batch-sizes 1 4
+
+# The GPU figures in one go (docs/benchmarks.md, "GPU session"): CUDA tests, the Llama-3.1-8B-shaped speed grid and the
+# scoring cost of every press, into results/gpu_session. Needs a CUDA device.
+bench-gpu: setup
+	PYTHON=$(PY) bash benchmarks/gpu_session.sh results/gpu_session
 
 # The SnapKV design-space study end to end on the packaged model, at a CPU-sized grid (minutes): both sweep presets
 # with budgets that fit a 1024-token context, then the analysis figures in $(STUDY_DIR)/leaderboard/snapkv_design_space.

@@ -1,7 +1,11 @@
 """Scoring + selection time of every registry press as a share of a plain (no_press) prefill, on the packaged model.
 
 Usage: python benchmarks/press_overhead.py [--context 4096] [--repeats 5] [--ratio 0.5] [--device auto]
-                                           [--model smollm2-135m] [--attn sdpa] [--press NAME ...]
+                                           [--model smollm2-135m] [--dtype auto] [--attn sdpa] [--press NAME ...]
+
+``--model`` takes what the speed benchmark takes, ``random:<spec>`` included: ``random:smollm2-135m`` times the
+packaged model's shapes where its weights are not installed (a device machine). Scores of random weights are not
+those of the trained model, so presses whose work depends on them (CriticalKV's pruned norms) time differently.
 
 Targets (issue 10): at most 5% of the prefill for every press, at most 10% for presses scored by Expected
 Attention or Compactor (they project the whole context's queries: expected_attention, compactor, adakv_compactor,
@@ -18,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from dataclasses import dataclass
 
 import torch
 
 import kvbench
+from kvbench.benchmark import model_source
+from kvbench.benchmark.speed import device_name
+from kvbench.errors import KVBenchError
 from kvbench.generation import prefill
-from kvbench.models import ModelSpec, load_model
 from kvbench.presses import PRESSES
 from kvbench.presses.base import Press
 from kvbench.presses.compactor import CompactorPress
@@ -70,6 +77,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--press", nargs="*", default=None, help="registry names to measure (default: all)")
     args = parser.parse_args()
@@ -77,12 +85,14 @@ def main() -> None:
     for name in names:
         kvbench.build_press(name)  # an unknown name fails here (listing the valid ones), before the model loads
 
-    model, tokenizer = load_model(ModelSpec(args.model, attn_implementation=args.attn, device=args.device))
-    ids = torch.randint(100, tokenizer.vocab_size - 1, (1, args.context), generator=torch.Generator().manual_seed(0))
+    source = model_source.resolve_source(args.model)
+    model = model_source.load(source, args.device, args.dtype, args.attn)
+    vocab_size = source.config.get_text_config().vocab_size
+    ids = torch.randint(100, vocab_size - 1, (1, args.context), generator=torch.Generator().manual_seed(0))
     # Warm-up at the full length: the first prefill of a length pays for growing the allocator's pools (page faults
     # on fresh memory), which would otherwise land on whichever press is measured first.
     prefill(model, ids, kvbench.build_press("no_press"))
-    print(f"model={args.model} device={model.device} dtype={model.dtype} attn={args.attn} context={args.context} "
+    print(f"model={source.name} device={model.device} ({device_name(model.device)}) dtype={model.dtype} attn={args.attn} context={args.context} "
           f"ratio={args.ratio} torch_threads={torch.get_num_threads()} repeats={args.repeats} (medians)")
     print(f"{'press':<36}{'forward ms':>12}{'score+select ms':>17}{'share':>9}  verdict")
     missed = []
@@ -100,4 +110,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KVBenchError as exc:
+        sys.exit(f"error: {exc}")

@@ -122,3 +122,14 @@ def test_bound_only_prints_computed_figures_and_writes_nothing(tmp_path, capsys)
     assert code == 0 and "computed, not measured" in text
     assert "4.801" in text and "4.561" in text  # (15.01 GB + 1.07 GB or 0.27 GB of kept KV) / 3.35 TB/s
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_shipped_smollm2_config_is_the_packaged_models_architecture():
+    """``random:smollm2-135m`` times the packaged default where its weights are not installed: same shapes, same RoPE."""
+    shipped, packaged = resolve_source("random:smollm2-135m").config, resolve_source("smollm2-135m").config
+    fields = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "hidden_act", "model_type"]
+    assert {f: getattr(shipped, f) for f in fields} == {f: getattr(packaged, f) for f in fields}
+    assert shipped.rope_parameters["rope_theta"] == packaged.rope_parameters["rope_theta"]
+    assert shipped.rms_norm_eps == pytest.approx(packaged.rms_norm_eps)
