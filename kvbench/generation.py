@@ -290,24 +290,36 @@ def greedy_decode(model, cache, question_ids: torch.Tensor, max_new_tokens: int,
 
 def _context_runs(prefilled: Prefilled, index: int, kv_after: int, peak: int | None, answers: list[list[Answer]],
                   extra: list[dict] | None = None) -> list[ContextRun]:
-    """Per-context records of press ``index``; batch-wide costs (prefill, bytes) are shared out evenly."""
+    """Per-context records of press ``index``. Batch-wide times (prefill, compression) are shared out evenly;
+    bytes and kept pairs are each context's own (``_context_stats``)."""
     batch = len(prefilled.lengths)
+    stats = [_context_stats(prefilled.stats[index], i, batch) for i in range(batch)]
+    total_kept = sum(s.kept_pairs for s in stats)
     return [ContextRun(
         answers=answers[i],
         context_tokens=prefilled.lengths[i],
         prefill_seconds=prefilled.prefill_seconds[index] / batch,
-        compression=_share(prefilled.stats[index], batch),
-        kv_bytes_after=kv_after // batch,
+        compression=stats[i],
+        kv_bytes_after=kv_after if batch == 1 else round(kv_after * stats[i].kept_pairs / max(total_kept, 1)),
         peak_memory_bytes=peak,
         extra=extra[i] if extra else {},
     ) for i in range(batch)]
 
 
-def _share(stats: CompressionStats, batch: int) -> CompressionStats:
+def _context_stats(stats: CompressionStats, i: int, batch: int) -> CompressionStats:
+    """Context ``i``'s part of a batch's compression: its kept and total pairs, the bytes its unpadded cache held
+    before (the padded batch's bytes in proportion to its length) and after (in proportion to what it kept)."""
     if batch == 1:
         return stats
-    return CompressionStats(stats.seconds / batch, stats.kv_bytes_before // batch, stats.kv_bytes_after // batch,
-                            stats.layers, stats.context_length, stats.kept_pairs, stats.total_pairs)
+    if not stats.kept_per_context:  # nothing was compressed (no layer ran the press)
+        return CompressionStats(stats.seconds / batch, stats.kv_bytes_before // batch, stats.kv_bytes_after // batch,
+                                stats.layers, stats.context_length, stats.kept_pairs // batch, stats.total_pairs // batch)
+    length, kept = stats.context_lengths[i], stats.kept_per_context[i]
+    padded = batch * stats.context_length
+    total = stats.total_pairs * length // sum(stats.context_lengths)
+    return CompressionStats(stats.seconds / batch, round(stats.kv_bytes_before * length / padded),
+                            round(stats.kv_bytes_after * kept / max(sum(stats.kept_per_context), 1)),
+                            stats.layers, stats.context_length, kept, total)
 
 
 def answer_prompts(model, tokenizer, prompts: list[Prompt], presses: list[Press], max_new_tokens: list[list[int]],

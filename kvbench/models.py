@@ -106,7 +106,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         value = getattr(torch, dtype)
     except AttributeError:
         value = None
-    if not isinstance(value, torch.dtype):
+    if value not in (torch.float32, torch.bfloat16, torch.float16):
         raise KVBenchError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
     return value
 
@@ -174,9 +174,21 @@ def max_length(config) -> int | None:
 
 
 def check_supported(config) -> None:
+    """Refuse what the compressed caches cannot represent faithfully, before any result is computed.
+
+    Sliding-window attention is one: its cache layers keep only the last window of the prefill, so the press
+    would find nothing to compress there, and a packed context would stay visible after it left the window."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise KVBenchError(
             f"model type '{config.model_type}' is not supported; kvbench supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    layer_types = getattr(config, "layer_types", None)
+    sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None
+    if sliding:
+        raise KVBenchError(
+            f"this {config.model_type} config uses sliding-window attention (sliding_window={getattr(config, 'sliding_window', None)}), "
+            "which kvbench's compressed caches do not support; use a checkpoint with full attention or set the config's "
+            "sliding_window to null (use_sliding_window=false for qwen2/qwen3)"
         )
 
 

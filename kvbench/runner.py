@@ -53,7 +53,7 @@ def press_params(cfg: DictConfig) -> dict:
     params = {k: v for k, v in OmegaConf.to_container(cfg.press, resolve=True).items() if k != "name"}
     params["compression_ratio"] = float(cfg.compression_ratio)
     if cfg.get("budget") is not None:
-        params["budget"] = int(cfg.budget)
+        params["budget"] = cfg.budget
     return params
 
 
@@ -126,11 +126,17 @@ def check_lengths(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Fail before loading anything heavy (the registries raise for unknown names)."""
+    for key in ("budget", "seed"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise KVBenchError(f"{key} must be an integer{' or null' if key == 'budget' else ''}, got {value!r}")
+    if not isinstance(cfg.get("query_aware", False), bool):
+        raise KVBenchError(f"query_aware must be true or false, got {cfg.query_aware!r}")
     if dataset_kind(cfg.dataset.name) == "perplexity" and cfg.get("query_aware"):
         raise KVBenchError(f"query_aware=true does not apply to dataset '{cfg.dataset.name}': a perplexity dataset has no question "
                            f"to prefill before compression; drop query_aware")
     ratio = cfg.compression_ratio
-    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise KVBenchError(f"compression_ratio must be a number in [0, 1), got {ratio}")
     decode_tokens = cfg.get("decode_timing_tokens", 0)
     if isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int) or decode_tokens < 0 or decode_tokens == 1:
@@ -169,6 +175,11 @@ class Job:
     done: pd.DataFrame | None = None
     records: list = field(default_factory=list)
     warned_short: bool = False
+
+    @property
+    def where(self) -> Path:
+        """The result directory, resolved: configurations naming one directory (however spelled) are one job."""
+        return self.directory.path.resolve()
 
     def finished(self) -> set:
         return set(self.done["sample_id"]) if self.done is not None else set()
@@ -386,10 +397,17 @@ def expected_identity(cfg: DictConfig) -> dict:
     the way ``kvbench.models`` loads the model (cuda when available; float32 on CPU, bfloat16 on GPU)."""
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.model.get("dtype", "auto")), device)
-    identity_cfg = cfg.copy()
-    if cfg.press.name == "no_press":
-        identity_cfg.compression_ratio = 0.0  # every ratio of a sweep shares the one uncompressed run
-    return run_identity(identity_cfg, dtype=str(dtype).removeprefix("torch."), device_type=device.type)
+    return run_identity(recorded_config(cfg), dtype=str(dtype).removeprefix("torch."), device_type=device.type)
+
+
+def recorded_config(cfg: DictConfig) -> DictConfig:
+    """The configuration a run is and records (identity and ``config.yaml``): no_press at any ratio of a sweep is
+    the one uncompressed run, ratio 0, whichever job of the sweep computes it."""
+    if cfg.press.name != "no_press":
+        return cfg
+    recorded = cfg.copy()
+    recorded.compression_ratio = 0.0
+    return recorded
 
 
 def prefill_group_key(cfg: DictConfig) -> str:
@@ -423,33 +441,51 @@ def execute(cfg: DictConfig, variant: str = "") -> dict:
     Two processes given the same configuration at once: one computes under the run's lock, the other waits and
     then reuses the result.
     """
-    return execute_many([(cfg, variant)])[0]
+    outcome = execute_many([(cfg, variant)])[0]
+    if isinstance(outcome, KVBenchError):
+        raise outcome
+    return outcome
 
 
-def execute_many(configs: list[tuple[DictConfig, str]]) -> list[dict]:
-    """Run configurations that differ only in press and ratio over one prefill per sample; one metrics dict each.
+def execute_many(configs: list[tuple[DictConfig, str]]) -> list[dict | KVBenchError]:
+    """Run configurations that differ only in press and ratio over one prefill per sample; per configuration its
+    metrics, or the ``KVBenchError`` that refused it.
 
     Each still gets its own ordinary result directory, identity, checkpoint and lock, exactly as if run alone
-    (configurations naming one directory, such as no_press at several ratios, are computed once). Finished ones
-    are reused; the rest are computed together.
+    (configurations naming one directory, such as no_press at several ratios, are computed once, by the first).
+    Finished ones are reused; the rest are computed together. A configuration refused on its own (its values, or
+    a finished directory of another setup) gets its error in its place, and the others still run, as they would
+    one by one. An error of the shared computation itself (the prefill) is raised.
     """
-    jobs = [_prepare(cfg, variant) for cfg, variant in configs]
-    if len({prefill_group_key(job.cfg) for job in jobs}) > 1:
+    outcomes: dict[int, dict | KVBenchError] = {}
+    jobs: dict[int, Job] = {}
+    for i, (cfg, variant) in enumerate(configs):
+        try:
+            jobs[i] = _prepare(cfg, variant)
+        except KVBenchError as exc:
+            outcomes[i] = exc
+    if len({prefill_group_key(job.cfg) for job in jobs.values()}) > 1:
         raise KVBenchError("execute_many takes configurations that differ only in press, compression_ratio and budget; "
                            "group the others apart (the shared_prefill launcher does)")
-    unique = list({job.name: job for job in jobs}.values())
-    results: dict[str, dict] = {}
+    unique: dict[Path, Job] = {}
+    for job in jobs.values():
+        unique.setdefault(job.where, job)  # the first of the configurations sharing a directory computes it
+    results: dict[Path, dict | KVBenchError] = {}
     held = []
     try:
-        for job in sorted(unique, key=lambda j: j.name):  # one order for every process: no deadlock
+        for job in sorted(unique.values(), key=lambda j: str(j.where)):  # one order for every process: no deadlock
             _acquire(job)
             held.append(job)
         pending = []
-        for job in unique:
+        for path, job in unique.items():
             if job.directory.is_complete() and not job.cfg.overwrite:
-                job.directory.check_identity(job.identity)
+                try:
+                    job.directory.check_identity(job.identity)
+                except KVBenchError as exc:
+                    results[path] = exc
+                    continue
                 print(f"[kvbench] {job.name}: already complete in {job.directory.path} (overwrite=true to rerun)")
-                results[job.name] = job.directory.metrics()
+                results[path] = job.directory.metrics()
             else:
                 pending.append(job)
         if pending:
@@ -457,10 +493,11 @@ def execute_many(configs: list[tuple[DictConfig, str]]) -> list[dict]:
     finally:
         for job in held:
             job.directory.lock().release()
-    return [results[job.name] for job in jobs]
+    outcomes.update({i: results[job.where] for i, job in jobs.items()})
+    return [outcomes[i] for i in range(len(configs))]
 
 
-def _compute(jobs: list[Job]) -> dict[str, dict]:
+def _compute(jobs: list[Job]) -> dict[Path, dict]:
     start = time.perf_counter()
     cfg = jobs[0].cfg
     model, tokenizer = get_model(cfg, cfg.device)
@@ -479,7 +516,7 @@ def _compute(jobs: list[Job]) -> dict[str, dict]:
     (perplexity_predictions if kind == "perplexity" else generate_predictions)(ctx, data)
     # The baseline first: perplexity runs compare themselves with the finished no_press run.
     ordered = sorted(jobs, key=lambda job: job.cfg.press.name != "no_press")
-    return {job.name: _finish(job, _predictions(job, data), kind, ctx, start, len(jobs)) for job in ordered}
+    return {job.where: _finish(job, _predictions(job, data), kind, ctx, start, len(jobs)) for job in ordered}
 
 
 def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, start: float, group_size: int) -> dict:
@@ -513,7 +550,7 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
     staging = job.directory.staging()
     if hasattr(scorer, "write_artifacts"):
         scorer.write_artifacts(predictions, staging)
-    path = job.directory.finalize(staging, predictions, metrics, cfg, job.identity, overwrite=bool(cfg.overwrite))
+    path = job.directory.finalize(staging, predictions, metrics, recorded_config(cfg), job.identity, overwrite=bool(cfg.overwrite))
     if job.logger == "wandb":
         from kvbench.tracking import log_run
 

@@ -55,6 +55,11 @@ def complete_dirs(out: Path) -> list[Path]:
         (["logger.name=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
         (["query_aware=true"], "query_aware=true does not apply to dataset 'pg19': a perplexity dataset has no question"),
         (["decode_timing_tokens=1"], "decode_timing_tokens must be 0 (off) or an integer >= 2"),
+        (["budget=1.5"], "budget must be an integer or null, got 1.5"),
+        (["budget=abc"], "budget must be an integer or null, got 'abc'"),
+        (["seed=abc"], "seed must be an integer, got 'abc'"),
+        (["query_aware=maybe"], "query_aware must be true or false, got 'maybe'"),
+        (["model.dtype=int8"], "unknown dtype 'int8'; use auto, float32, bfloat16 or float16"),
         (["max_context_length=112", "decode_timing_tokens=32"],  # the window (96 + 16) fits, the decoding does not
          "decode_timing_tokens=32 after a 96-token context passes max_context_length=112"),
     ],

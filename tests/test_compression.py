@@ -52,6 +52,21 @@ def _prefill(model, ids, press):
     return cache
 
 
+@pytest.mark.parametrize("config", [
+    {"model_type": "mistral", "sliding_window": 32},
+    {"model_type": "qwen2", "sliding_window": 32, "layer_types": ["full_attention", "sliding_attention"]},
+])
+def test_sliding_window_attention_is_refused(config):
+    """Its cache layers keep only the last window, so the press would find nothing to compress."""
+    from types import SimpleNamespace
+
+    from kvbench.models import check_supported
+
+    with pytest.raises(kvbench.KVBenchError, match="sliding-window attention.*full attention"):
+        check_supported(SimpleNamespace(**config))
+    check_supported(SimpleNamespace(**{**config, "sliding_window": None, "layer_types": ["full_attention"] * 2}))
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name", list(PRESSES))

@@ -76,6 +76,19 @@ def test_a_batch_answers_as_each_context_alone(family):
             assert abs(nll_b - nll_a) <= 1e-5 * abs(nll_a)
 
 
+def test_a_batch_reports_each_contexts_own_kept_share_and_bytes():
+    """Kept pairs and bytes before compression are each context's own (the padding counted for none), as alone."""
+    model = tiny_model("llama")
+    prompts = [Prompt(_ids(n, n), [_ids(4, n + 1)]) for n in (48, 96)]
+    for press in [kvbench.build_press("snapkv", budget=24), kvbench.build_press("adakv_snapkv", compression_ratio=0.5)]:
+        batched = answer_prompts(model, Tok(), prompts, [press], [[2]] * 2)[0]
+        alone = [answer_prompts(model, Tok(), [p], [press], [[2]])[0][0] for p in prompts]
+        for b, a in zip(batched, alone):
+            assert (b.compression.kept_pairs, b.compression.total_pairs) == (a.compression.kept_pairs, a.compression.total_pairs)
+            assert b.compression.kv_bytes_before == a.compression.kv_bytes_before
+            assert b.kv_bytes_after == pytest.approx(a.kv_bytes_after, rel=0.05)
+
+
 def test_one_prefill_serves_several_presses_as_separate_prefills_would():
     model = tiny_model("llama")
     prompt = Prompt(_ids(CONTEXT, 4), [_ids(5, 5)])

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 PG19 = ["dataset=pg19", "dataset.eval_length=16", "dataset.max_windows_per_book=2", "dataset.num_books=1"]
@@ -211,3 +212,38 @@ def test_a_bad_job_fails_alone_and_the_others_finish(tmp_path):
     assert result.returncode != 0
     assert "error: compression_ratio must be a number in [0, 1), got 1.5" in result.stderr
     assert list(runs(out)) == ["pg19__smollm2-135m__knorm__0.50__context_length=128__eval_length=16__max_windows_per_book=2__num_books=1"]
+
+
+@pytest.mark.integration
+def test_a_stale_directory_fails_its_own_job_and_the_rest_of_its_group_is_computed(tmp_path):
+    out = tmp_path / "shared"
+    knorm = "pg19__smollm2-135m__knorm__0.50__context_length=128__eval_length=16__max_windows_per_book=2__num_books=1"
+    kvbench_sweep(out, SHARED, *PG19, "dataset.context_length=128", "press=knorm", "compression_ratio=0.5")
+    identity_file = out / knorm / "identity.json"
+    identity = json.loads(identity_file.read_text())
+    identity_file.write_text(json.dumps({**identity, "kvbench_commit": "0" * 40}))  # a result of an older commit
+
+    result, prefills = kvbench_sweep(out, SHARED, *PG19, "dataset.context_length=128", "press=knorm,snapkv",
+                                     "compression_ratio=0.5", check=False)
+    assert result.returncode != 0
+    assert "holds a result of another setup (kvbench_commit" in result.stderr
+    assert sorted(runs(out)) == [knorm, knorm.replace("__knorm__", "__snapkv__")]
+    assert prefills == [(prefills[0][0], 1)] * WINDOWS  # snapkv alone was computed
+
+
+@pytest.mark.integration
+def test_a_sweep_over_output_dirs_writes_every_directory_with_the_normalised_config(tmp_path):
+    """Jobs that differ only in output_dir share a prefill but not a directory; no_press at two ratios is one run
+    per directory, whose config.yaml records ratio 0 as its identity does, whichever job computed it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    command = [sys.executable, "-m", "kvbench", "-m", SHARED, *PG19, "dataset.context_length=128", "press=no_press",
+               "compression_ratio=0.25,0.5", f"output_dir={a},{b}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = "pg19__smollm2-135m__no_press__0.00__context_length=128__eval_length=16__max_windows_per_book=2__num_books=1"
+    for out in (a, b):
+        assert list(runs(out)) == [name]
+        config = OmegaConf.load(out / name / "config.yaml")
+        assert config.compression_ratio == 0.0
+        assert json.loads((out / name / "identity.json").read_text())["config"]["compression_ratio"] == 0.0

@@ -9,7 +9,8 @@ directory (its own identity, checkpoint and lock; finished ones are reused) exac
 Each job still goes through Hydra's ``run_job`` (its job directory under the sweep dir, its callbacks, its
 ``JobReturn``): the first job of a group computes the whole group, the others return their cached result. A
 failure of the group (a ``KVBenchError`` or any other exception) marks each of its jobs failed; other groups
-still run, and Hydra reports the failure when the sweep ends, as with its basic launcher.
+still run, and Hydra reports the failure when the sweep ends, as with its basic launcher. A job refused on its
+own (a finished directory of another setup) fails alone: the rest of its group is still computed.
 
 ``max_jobs_per_prefill`` splits large groups (each job holds its own compressed cache during a sample);
 ``n_jobs > 1`` spreads groups over joblib/loky worker processes (``shared_prefill_gpus``: one per GPU, pinned by
@@ -117,27 +118,31 @@ def split(items: list, pieces: int) -> list[list]:
 
 class PrefillGroup:
     """The task function of one chunk's jobs: the first call runs ``execute_many`` for all of them and keeps
-    each job's metrics (or the group's exception); every call returns its own job's score (or raises)."""
+    each job's outcome (its metrics, or the error that refused it alone, or the group's exception); every call
+    returns its own job's score or raises its own job's error."""
 
     def __init__(self, configs: list[tuple[DictConfig, str]]) -> None:
         self.configs = configs
-        self.outcome: list[dict] | BaseException | None = None
+        self.outcome: list | BaseException | None = None
 
     def run(self, position: int, cfg: DictConfig) -> float | None:
+        from kvbench.errors import KVBenchError
+
         if self.outcome is None:
-            from kvbench.errors import KVBenchError
             from kvbench.runner import execute_many
 
             try:
                 self.outcome = execute_many(self.configs)
-            except KVBenchError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                self.outcome = exc
             except Exception as exc:  # noqa: BLE001 - every job of the group failed with it; Hydra reports it
                 self.outcome = exc
-        if isinstance(self.outcome, BaseException):
-            raise self.outcome
-        return self.outcome[position].get("score")
+                if isinstance(exc, KVBenchError):
+                    print(f"error: {exc}", file=sys.stderr)
+        mine = self.outcome if isinstance(self.outcome, BaseException) else self.outcome[position]
+        if isinstance(mine, BaseException):
+            if mine is not self.outcome and isinstance(mine, KVBenchError):
+                print(f"error: {mine}", file=sys.stderr)
+            raise mine
+        return mine.get("score")
 
 
 def run_chunk(hydra_context: HydraContext, chunk: list[SweepJob], logging_config: tuple[Any, Any],

@@ -56,6 +56,10 @@ class CompressionStats:
     context_length: int = 0
     kept_pairs: int = 0
     total_pairs: int = 0
+    # A right-padded batch: each context's real length and kept (head, token) pairs over the layers, so every
+    # context is reported as its solo run would be (the padding counted for none of them).
+    context_lengths: list[int] = field(default_factory=list)
+    kept_per_context: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -197,6 +201,10 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, targ
         stats.kv_bytes_after += layer_bytes(compressed)
         stats.kept_pairs += compressed.kept_pairs()
         stats.total_pairs += layer.keys.shape[1] * (sum(lengths) if lengths is not None else layer.keys.shape[0] * seq_len)
+        if lengths is not None:
+            per_context = compressed.lengths.sum(dim=-1).tolist()
+            stats.context_lengths = list(lengths)
+            stats.kept_per_context = [a + int(b) for a, b in zip(stats.kept_per_context or [0] * len(lengths), per_context)]
         (target.cache if target.cache is not None else cache).layers[module.layer_idx] = compressed
     if all(target.cache is not None for target in targets):
         # Nothing reads this layer of the prefill's own cache again: free it now, not at the end of the prefill.
