@@ -60,6 +60,8 @@ def complete_dirs(out: Path) -> list[Path]:
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (["query_aware=maybe"], "query_aware must be true or false, got 'maybe'"),
         (["model.dtype=int8"], "unknown dtype 'int8'; use auto, float32, bfloat16 or float16"),
+        (["press=snapkv", "press.window_size=0"], "press parameter window_size must be an integer >= 1, got 0"),
+        (["press=critical_snapkv", "press.first_stage_ratio=1.5"], "press parameter first_stage_ratio must be a number in [0, 1], got 1.5"),
         (["max_context_length=112", "decode_timing_tokens=32"],  # the window (96 + 16) fits, the decoding does not
          "decode_timing_tokens=32 after a 96-token context passes max_context_length=112"),
     ],

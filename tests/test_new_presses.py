@@ -202,7 +202,7 @@ def test_pyramidkv_caches_follow_the_pyramid_and_keep_snapkv_choices():
 
 
 def test_pyramidkv_rejects_a_flat_beta():
-    with pytest.raises(KVBenchError, match="beta must be >= 1"):
+    with pytest.raises(KVBenchError, match="beta must be a number >= 1"):
         kvbench.build_press("pyramidkv", beta=0.5)
 
 

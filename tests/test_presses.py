@@ -83,7 +83,7 @@ def test_build_press_routes_parameters_and_rejects_unknown_ones():
         kvbench.build_press("nope")
     with pytest.raises(kvbench.KVBenchError, match="has no parameter kernel"):
         kvbench.build_press("snapkv", kernel=3)
-    with pytest.raises(kvbench.KVBenchError, match=r"compression_ratio must be in \[0, 1\)"):
+    with pytest.raises(kvbench.KVBenchError, match=r"compression_ratio must be a number in \[0, 1\)"):
         kvbench.build_press("knorm", compression_ratio=1.0)
 
 

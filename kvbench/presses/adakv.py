@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.presses import selection
-from kvbench.presses.base import LayerState, Press
+from kvbench.presses.base import LayerState, Press, require_number
 from kvbench.presses.snapkv import SnapKVPress
 
 
@@ -37,6 +37,10 @@ class AdaKVPress(WrapperPress):
     alpha_safeguard: float = 0.2
 
     head_adaptive: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_number(self, "alpha_safeguard", 0.0, 1.0)  # the share of each head's budget it always keeps
 
     def select(self, scores: torch.Tensor, state: LayerState, n_kept: int) -> selection.Selection:
         return selection.adakv(scores, n_kept, self.alpha_safeguard)

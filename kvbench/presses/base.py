@@ -60,6 +60,32 @@ class LayerState:
         return model_access.unrotate(self.keys[:, :, positions], self.cos[:, positions], self.sin[:, positions])
 
 
+def require_int(press: object, name: str, low: int) -> None:
+    """A count parameter: an integer (not a bool) of at least ``low``, else one line naming it and its range.
+
+    Out-of-range counts do not fail where they are read: a window of 0 crashes mid-prefill, zero future
+    positions give NaN scores, a negative sink count silently keeps other tokens. So they are refused here.
+    """
+    value = getattr(press, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise KVBenchError(f"press parameter {name} must be an integer >= {low}, got {value!r}")
+
+
+def require_number(press: object, name: str, low: float, high: float | None = None) -> None:
+    """A real parameter in ``[low, high]`` (``high=None``: no upper end); bools and strings are refused."""
+    value = getattr(press, name)
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+    if bad or value < low or (high is not None and value > high):
+        span = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise KVBenchError(f"press parameter {name} must be a number {span}, got {value!r}")
+
+
+def require_bool(press: object, name: str) -> None:
+    value = getattr(press, name)
+    if not isinstance(value, bool):
+        raise KVBenchError(f"press parameter {name} must be true or false, got {value!r}")
+
+
 @dataclass
 class Press:
     """Base press: uniform top-k selection of ``score``; subclasses override ``score`` only.
@@ -74,10 +100,11 @@ class Press:
     head_adaptive: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.compression_ratio) < 1.0:
-            raise KVBenchError(f"compression_ratio must be in [0, 1), got {self.compression_ratio}")
-        if self.budget is not None and int(self.budget) < 1:
-            raise KVBenchError(f"budget must be a positive number of tokens, got {self.budget}")
+        ratio = self.compression_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+            raise KVBenchError(f"compression_ratio must be a number in [0, 1), got {ratio!r}")
+        if self.budget is not None:
+            require_int(self, "budget", 1)
 
     def n_kept(self, seq_len: int) -> int:
         if self.budget is not None:

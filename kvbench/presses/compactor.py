@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import LayerState, Press
+from kvbench.presses.base import LayerState, Press, require_int, require_number
 from kvbench.presses.snapkv import pool_same_length
 
 
@@ -112,6 +112,14 @@ class CompactorPress(Press):
     chunk_size: int = 256
     sketch_dimension: int = 48
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, low in (("sink_size_start", 0), ("sink_size_end", 0), ("chunk_size", 1), ("sketch_dimension", 1),
+                          ("seed", 0)):
+            require_int(self, name, low)
+        if self.blending is not None:
+            require_number(self, "blending", 0.0)
 
     def score(self, state: LayerState) -> torch.Tensor:
         seq_len = state.seq_len

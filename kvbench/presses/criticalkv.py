@@ -23,7 +23,7 @@ import torch
 from kvbench import model_access
 from kvbench.presses import selection
 from kvbench.presses.adakv import WrapperPress
-from kvbench.presses.base import LayerState
+from kvbench.presses.base import LayerState, require_number
 
 # Rows of the context projected at once: the [rows, group * hidden] product stays in the core's cache while its L1
 # norm is taken (a whole-context product is written to and read back from memory, which costs twice the product).
@@ -170,6 +170,11 @@ class CriticalKVPress(WrapperPress):
     first_stage_ratio: float = 0.5
     epsilon: float = 1e-4
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_number(self, "first_stage_ratio", 0.0, 1.0)  # the share of the budget stage one fills
+        require_number(self, "epsilon", 0.0)
+
     def select(self, scores: torch.Tensor, state: LayerState, n_kept: int) -> selection.Selection:
         n_first = int(n_kept * self.first_stage_ratio)
         stage_one = selection.mask_from_indices(scores.topk(n_first, dim=-1).indices, scores.shape[-1])
@@ -186,6 +191,10 @@ class CriticalAdaKVPress(CriticalKVPress):
     alpha_safeguard: float = 0.2
 
     head_adaptive: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_number(self, "alpha_safeguard", 0.0, 1.0)
 
     def select(self, scores: torch.Tensor, state: LayerState, n_kept: int) -> selection.Selection:
         budgets = selection.adakv(scores, n_kept, self.alpha_safeguard).mask.sum(dim=-1)

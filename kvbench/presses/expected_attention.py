@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import LayerState, Press
+from kvbench.presses.base import LayerState, Press, require_bool, require_int, require_number
 
 
 def mean_rotation(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -42,6 +42,14 @@ class ExpectedAttentionPress(Press):
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_int(self, "n_future_positions", 1)  # 0 future positions average nothing: NaN scores
+        require_int(self, "n_sink", 0)
+        require_bool(self, "use_covariance")
+        require_bool(self, "use_vnorm")
+        require_number(self, "epsilon", 0.0)
 
     def score(self, state: LayerState) -> torch.Tensor:
         b, kv_heads, seq_len, d = state.keys.shape

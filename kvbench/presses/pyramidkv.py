@@ -21,9 +21,8 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.errors import KVBenchError
 from kvbench.presses import selection
-from kvbench.presses.base import LayerState
+from kvbench.presses.base import LayerState, require_number
 from kvbench.presses.snapkv import SnapKVPress
 
 
@@ -51,8 +50,7 @@ class PyramidKVPress(SnapKVPress):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if float(self.beta) < 1:
-            raise KVBenchError(f"pyramidkv's beta must be >= 1 (it divides the mean budget), got {self.beta}")
+        require_number(self, "beta", 1.0)  # it divides the mean budget: below 1 the bottom layer gets more than all
 
     def layer_budget(self, state: LayerState, n_kept: int) -> int:
         """This layer's share: the pyramid line around the uniform budget (``budget`` tokens when given)."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import LayerState, Press
+from kvbench.presses.base import LayerState, Press, require_bool, require_int
 
 
 @dataclass
@@ -34,6 +34,10 @@ class RandomPress(Press):
 
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_int(self, "seed", 0)
+
     def score(self, state: LayerState) -> torch.Tensor:
         generator = torch.Generator(device=state.keys.device).manual_seed(self.seed + state.layer_idx)
         return torch.rand(state.keys.shape[:-1], generator=generator, device=state.keys.device)
@@ -52,6 +56,11 @@ class StreamingLLMPress(Press):
 
     n_sink: int = 4
     key_rerotation: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_int(self, "n_sink", 0)
+        require_bool(self, "key_rerotation")
 
     @property
     def rerotates_keys(self) -> bool:

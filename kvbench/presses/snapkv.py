@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KVBenchError
-from kvbench.presses.base import LayerState, Press
+from kvbench.presses.base import LayerState, Press, require_int
 from kvbench.presses.clustering import CLUSTERINGS, kmeans_rescore
 
 POOLINGS = ("avg", "max")
@@ -81,10 +81,8 @@ class SnapKVPress(Press):
             raise KVBenchError(f"unknown pooling '{self.pooling}'; use one of: {', '.join(POOLINGS)}")
         if self.clustering not in CLUSTERINGS:
             raise KVBenchError(f"unknown clustering '{self.clustering}'; use one of: {', '.join(CLUSTERINGS)}")
-        for name, low in (("n_clusters", 1), ("kmeans_iterations", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise KVBenchError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, low in (("window_size", 1), ("kernel_size", 0), ("n_clusters", 1), ("kmeans_iterations", 0)):
+            require_int(self, name, low)
 
     @property
     def window(self) -> int | None:
