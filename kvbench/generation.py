@@ -135,6 +135,23 @@ def build_prompt(
     return Prompt(context_ids=context_ids, question_ids=question_ids, truncated_tokens=cut)
 
 
+def prompt_tokens(tokenizer, context: str, questions: list[str], answer_prefix: str = "", *,
+                  use_chat_template: bool | None = None) -> int:
+    """The longest sequence the model reads before answering: the templated context plus its longest question
+    and answer prefix, in whichever layout (query-aware or not) tokenizes longer.
+
+    This is what a length under test counts, as RULER counts its prompts with the model's template; the two
+    layouts split the text at different places, so their token counts can differ by a merge at the join.
+    """
+    plain = build_prompt(tokenizer, context, questions, answer_prefix, use_chat_template=use_chat_template)
+    seen = plain.context_ids.shape[-1] + max(q.shape[-1] for q in plain.question_ids)
+    if len(questions) == 1:
+        aware = build_prompt(tokenizer, context, questions, answer_prefix, use_chat_template=use_chat_template,
+                             query_aware=True)
+        seen = max(seen, aware.context_ids.shape[-1] + aware.question_ids[0].shape[-1])
+    return seen
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else []))

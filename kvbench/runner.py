@@ -232,6 +232,28 @@ def _warn_short(job: Job, context_tokens: int) -> bool:
     return short
 
 
+def _prompt(ctx: RunContext, group: pd.DataFrame) -> generation.Prompt:
+    """The token ids of one context and its questions, cut in the middle where they do not fit max_context_length."""
+    first = group.iloc[0]
+    use_chat = bool(first.get("chat_template", True)) if "chat_template" in group.columns else None
+    return generation.build_prompt(
+        ctx.tokenizer, first["context"], list(group["question"]), first["answer_prefix"],
+        use_chat_template=use_chat, query_aware=bool(ctx.cfg.query_aware), max_length=ctx.max_length,
+        max_new_tokens=[int(x) for x in group["max_new_tokens"]],
+    )
+
+
+def _refuse_cut(prompt: generation.Prompt, group: pd.DataFrame, max_length: int, length_key: str) -> None:
+    """Where the length is the test, a prompt that would lose part of its context is refused: the cut sample
+    would test a shorter context (and a needle could go with the cut)."""
+    if prompt.truncated_tokens:
+        raise KVBenchError(
+            f"sample {group['sample_id'].iloc[0]} takes {max_length + prompt.truncated_tokens} tokens with its chat "
+            f"template, question and max_new_tokens, above max_context_length={max_length}; cutting it would test another "
+            f"length: lower {length_key.split(' + ')[0]} or raise max_context_length"
+        )
+
+
 def generate_predictions(ctx: RunContext, df: pd.DataFrame) -> None:
     """Answer every row for every job; rows sharing a context share one prefill (unless query-aware), contexts
     are prefilled ``batch_size`` at a time, and every job's press compresses the same prefill."""
@@ -241,6 +263,10 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame) -> None:
     else:
         groups = [g for _, g in df.groupby(["context", "answer_prefix"], sort=False)]
     warned_cut = False
+    tested = lengths_under_test(dataset_module(cfg.dataset.name), cfg.dataset)
+    if tested and ctx.max_length is not None:
+        for group in groups:  # before any prefill, so a refusal leaves nothing half-written
+            _refuse_cut(_prompt(ctx, group), group, ctx.max_length, tested[0][0])
     progress = tqdm(total=len(df), desc=ctx.jobs[0].name if len(ctx.jobs) == 1 else f"{len(ctx.jobs)} jobs",
                     unit="sample", leave=False)
     for batch in _batches(groups, ctx.batch_size):
@@ -251,13 +277,7 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame) -> None:
             continue
         prompts = []
         for group in batch:
-            first = group.iloc[0]
-            use_chat = bool(first.get("chat_template", True)) if "chat_template" in group.columns else None
-            prompt = generation.build_prompt(
-                ctx.tokenizer, first["context"], list(group["question"]), first["answer_prefix"],
-                use_chat_template=use_chat, query_aware=bool(cfg.query_aware), max_length=ctx.max_length,
-                max_new_tokens=[int(x) for x in group["max_new_tokens"]],
-            )
+            prompt = _prompt(ctx, group)
             if prompt.truncated_tokens and not warned_cut:
                 log.warning("a prompt does not fit max_context_length=%d with its question and max_new_tokens: %d tokens were "
                             "cut from the middle of its context; metrics.json counts such samples (truncated_samples, "

@@ -83,6 +83,13 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, e
          "dataset.context_length=9000 is above max_context_length=8192 (the model's max_position_embeddings)"),
         (["dataset=needle", "dataset.context_lengths=[512,9000]"], "dataset.context_lengths + dataset.max_new_tokens=9032 is above max_context_length=8192"),
         (["dataset=ruler", "dataset.context_length=1024", "max_context_length=512"], "dataset.context_length=1024 is above max_context_length=512"),
+        # The lengths pass, the prompts do not: the chat template and question come on top of the needle's haystack,
+        # the answer's room on top of a RULER prompt that reserves none. Refused before anything is decoded.
+        (["dataset=needle", "dataset.context_lengths=[256]", "dataset.depths=[50]", "max_context_length=300"],
+         "sample needle/256/50 takes 345 tokens with its chat template, question and max_new_tokens, above "
+         "max_context_length=300; cutting it would test another length: lower dataset.context_lengths or raise max_context_length"),
+        (["dataset=ruler", "dataset.context_length=1024", "dataset.reserve_generation=false", "dataset.tasks=[vt]",
+          "dataset.num_samples=1", "max_context_length=1024"], "sample vt-0000 takes 10"),
     ],
 )
 def test_an_over_long_length_under_test_is_refused_in_one_line_and_nothing_is_written(tmp_path, args, expected):
@@ -92,8 +99,10 @@ def test_an_over_long_length_under_test_is_refused_in_one_line_and_nothing_is_wr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    # Only Hydra's own log folder: no result directory, no .partial checkpoint, no staging directory.
-    assert not out.exists() or [p.name for p in out.iterdir()] == [".hydra"]
+    # Only Hydra's own log folder (and the empty lock of a run that loaded the model): no result directory, no
+    # .partial checkpoint, no staging directory.
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {".hydra", ".locks"}
+    assert not out.exists() or all(p.stat().st_size == 0 for p in (out / ".locks").glob("*"))
 
 
 def test_one_scored_token_per_window_works(tmp_path, books):

@@ -6,7 +6,8 @@ to fail at specific depths, so the grid (length x depth) is the result, drawn by
 :func:`kvbench.metrics.needle.write_artifacts`.
 
 Lengths are measured with the model's tokenizer (the haystack plus the needle, not the question), so a
-4096 cell means 4096 tokens of context for this model.
+4096 cell means 4096 tokens of context for this model. The chat template and question come on top of it; a
+prompt that would not fit ``max_context_length`` with them is refused, never cut (a cut could take the needle).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ``source=generated`` (default) builds the tasks offline, deterministically from ``seed``, as NVIDIA/RULER's
 generators do (templates and settings of the commit in ``ruler_commit``), at any ``context_length`` measured with
 the evaluated model's own tokenizer, so small models and CPU runs get prompts that really are as long as asked.
-As in RULER, ``context_length`` holds the prompt and the answer's ``max_new_tokens`` (``reserve_generation``).
+As in RULER, ``context_length`` holds the whole prompt as the model reads it (chat template included) and the
+answer's ``max_new_tokens`` (``reserve_generation``).
 ``source=hub`` reads kvpress' fixed 4k/8k/16k set (``simonjegou/ruler``) for comparisons with published numbers. Either way the instruction and haystack go into ``context`` and the query
 into ``question``, so a press compresses the context alone.
 """
@@ -11,11 +12,13 @@ into ``question``, so a press compresses the context alone.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import pandas as pd
 
-from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, RULER_COMMIT, SPECS, Target, generate
+from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, RULER_COMMIT, SPECS, Prompt, Target, generate
 from kvbench.errors import KVBenchError
+from kvbench.generation import prompt_tokens
 
 TASKS: tuple[str, ...] = tuple(SPECS)
 DEFAULTS = {
@@ -89,12 +92,13 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    template = prompt_tokens(tokenizer, "", [""])
     rows = []
     for task in tasks:
         max_new_tokens = MAX_NEW_TOKENS[task_kind(task)]
-        target = Target(length, length - max_new_tokens if reserve else length, count)
+        reserved = max_new_tokens if reserve else 0
         for index in range(num_samples):
-            prompt = generate(task, seed, index, target)
+            prompt = _fitted(task, seed, index, Target(length, length - reserved - template, count, template), tokenizer)
             rows.append({
                 "context": prompt.context,
                 "question": prompt.question,
@@ -106,6 +110,26 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
                 "context_length": length,
             })
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _fitted(task: str, seed: int, index: int, target: Target, tokenizer, attempts: int = 3) -> Prompt:
+    """A sample whose templated prompt plus the answer's room is at most ``target.length`` tokens.
+
+    The budget leaves out the template's own tokens, measured once on an empty prompt; the sample is then
+    measured as the model will read it, and where a merge at a join made it longer, drawn again with the
+    budget lowered by the excess.
+    """
+    answer_room = target.length - target.budget - target.template
+    for _ in range(attempts):
+        prompt = generate(task, seed, index, target)
+        excess = prompt_tokens(tokenizer, prompt.context, [prompt.question], prompt.answer_prefix) + answer_room - target.length
+        if excess <= 0:
+            return prompt
+        target = replace(target, budget=target.budget - excess, template=target.template + excess)
+    raise KVBenchError(
+        f"{task} sample {index} does not fit dataset.context_length={target.length} with the chat template after "
+        f"{attempts} fits; raise dataset.context_length"
+    )
 
 
 def _load_hub(cfg: Mapping | None, tasks: list[str], length: int, num_samples: int) -> pd.DataFrame:

@@ -54,8 +54,9 @@ class Target:
     """What a sample must fit: RULER's ``max_seq_length`` (``length``) and the prompt tokens allowed in it."""
 
     length: int  # dataset.context_length
-    budget: int  # prompt tokens: length minus the room reserved for the answer (RULER's tokens_to_generate)
+    budget: int  # prompt text tokens: length minus the answer's room (RULER's tokens_to_generate) and the template's
     count: TokenCounter
+    template: int = 0  # tokens the model's chat template adds around the prompt text (RULER counts them too)
 
     @property
     def reserved(self) -> int:
@@ -158,8 +159,10 @@ def fit(build: Callable[[int], Prompt], target: Target, task: str, limit: int | 
     base = size(0)
     if base > budget:
         raise KVBenchError(
-            f"{task} needs at least {int(base) + target.reserved} tokens ({int(base)} of prompt + {target.reserved} "
-            f"reserved for the answer); dataset.context_length is {target.length}, raise it"
+            f"{task} needs at least {int(base) + target.reserved} tokens ({int(base)} of prompt + "
+            f"{target.reserved - target.template} reserved for the answer"
+            + (f" + {target.template} of chat template" if target.template else "")
+            + f"); dataset.context_length is {target.length}, raise it"
         )
     guess = 16 if limit is None else min(16, limit)
     for _ in range(2):
