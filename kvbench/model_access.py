@@ -55,9 +55,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
-def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``apply_rope``: a rotation by -theta (cos even, sin odd)."""
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The inverse of ``apply_rope``: a rotation by -theta (cos even, sin odd).
+
+    ``scale`` is the factor the tables carry on top of the rotation (``rope_scale``: YaRN's and LongRoPE's
+    attention scaling); rotating back with the same tables would multiply by it twice more, so they are divided
+    by its square. The dims past the rotary ones are never scaled, so the whole vector cannot be divided instead.
+    """
+    if scale != 1.0:
+        cos, sin = cos / scale**2, sin / scale**2
     return apply_rope(x, cos, -sin)
+
+
+def rope_scale(rotary: nn.Module) -> float:
+    """The factor a rotary module multiplies its cos/sin tables by (``attention_scaling``): 1 for plain RoPE, Llama-3
+    and dynamic NTK; above 1 for YaRN and LongRoPE, whose queries and keys both carry it into the attention logits."""
+    scale = getattr(rotary, "attention_scaling", 1.0)
+    return float(scale) if scale is not None else 1.0
 
 
 def _project(module: nn.Module, hidden_states: torch.Tensor, which: str) -> torch.Tensor:

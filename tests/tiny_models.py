@@ -32,9 +32,25 @@ FAMILIES = {
 }
 
 
+def _scaled_llama(rope: dict, max_position_embeddings: int = 1024) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_theta": 10000.0, **rope},
+                         **{**COMMON, "max_position_embeddings": max_position_embeddings})
+    return LlamaForCausalLM(config)
+
+
+# Rotary variants whose tables are not a bare rotation (YaRN: cos/sin times its attention scaling) or whose
+# frequencies change with the positions asked for (dynamic NTK, trained on 64 positions here). Not in FAMILIES:
+# their own tests ask for them.
+SCALED_ROPE = {
+    "llama_yarn": lambda: _scaled_llama({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 256),
+    "llama_dynamic": lambda: _scaled_llama({"rope_type": "dynamic", "factor": 4.0}, 64),
+}
+
+
 def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0):
     torch.manual_seed(seed)
-    model = FAMILIES[family]().eval()
+    model = {**FAMILIES, **SCALED_ROPE}[family]().eval()
     model.set_attn_implementation(attn_implementation)
     return model
 

@@ -87,6 +87,7 @@ def slice_state(state: LayerState, index: int, length: int) -> LayerState:
         rotary=state.rotary,
         attention_weights=None if weights is None else weights[index : index + 1, :, :length, :length],
         queries=None if state.queries is None else state.queries[index : index + 1, :, :length],
+        rope_scale=state.rope_scale,
     )
 
 
@@ -99,16 +100,41 @@ def _select(press: Press, state: LayerState) -> Selection:
         return press.select(press.score(state), state, press.n_kept(state.seq_len))
 
 
-def rerotate(keys: torch.Tensor, kept: torch.Tensor, rotary) -> torch.Tensor:
+def rerotate(keys: torch.Tensor, kept: torch.Tensor, rotary, scale: float = 1.0) -> torch.Tensor:
     """Keys moved to contiguous positions: a kept key at position p becomes the key at its rank among the kept
-    (RoPE composes, so rotating by rank - p does it; dims past the rotary ones are untouched)."""
+    (RoPE composes, so rotating by rank - p does it; dims past the rotary ones are untouched). The keys already
+    carry the tables' ``scale`` (YaRN, LongRoPE) once, so the extra rotation is by the unscaled tables."""
     b, h, seq_len, d = keys.shape
     new_positions = kept.long().cumsum(-1) - 1
     delta = new_positions - torch.arange(seq_len, device=keys.device)
     cos, sin = rotary(delta.reshape(1, -1))
+    if scale != 1.0:
+        cos, sin = cos / scale, sin / scale
     cos, sin = cos.view(b * h, seq_len, -1), sin.view(b * h, seq_len, -1)
     rotated = model_access.apply_rope(keys.reshape(b * h, 1, seq_len, d), cos, sin)  # one rotation table per head
     return rotated.view(b, h, seq_len, d)
+
+
+def rotary_tables(rotary: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of any ``positions`` (future ones, or re-rotation offsets), leaving the model's rotary module as it was.
+
+    Dynamic RoPE grows its frequencies for good once asked for a position past what it has cached, and LongRoPE
+    switches its factors by the largest position asked for: a press looking 512 positions ahead would otherwise
+    change the rotations the model's own decoding uses. Its buffers and plain attributes are put back afterwards,
+    the buffers in place (their storage stays the one the model holds).
+    """
+    buffers = {name: (tensor, tensor.clone()) for name, tensor in rotary._buffers.items() if tensor is not None}
+    plain = {k: v for k, v in vars(rotary).items() if not k.startswith("_")}
+    try:
+        return rotary(like, positions)
+    finally:
+        for name, (tensor, saved) in buffers.items():
+            if rotary._buffers.get(name) is not tensor:
+                rotary._buffers[name] = tensor
+            tensor.copy_(saved)
+        for key in [k for k in vars(rotary) if not k.startswith("_") and k not in plain]:
+            delattr(rotary, key)  # attributes the call added (LongRoPE's cached long factors) are dropped again
+        vars(rotary).update(plain)
 
 
 def _compressed_layer(press: Press, state: LayerState, layout: str) -> CompressedLayer | PackedLayer:
@@ -122,7 +148,7 @@ def _compressed_layer(press: Press, state: LayerState, layout: str) -> Compresse
         if chosen.head_adaptive:
             raise KVBenchError(f"{type(press).__name__}: key re-rotation needs the same kept count in every head; "
                                f"drop it for head-adaptive selections")
-        keys = rerotate(keys, _kept_mask(chosen, seq_len), state.rotary)
+        keys = rerotate(keys, _kept_mask(chosen, seq_len), state.rotary, state.rope_scale)
     if chosen.head_adaptive and layout == "packed":
         return pack_layer(keys, state.values, chosen.mask, seq_len)
     layer = compress_layer(keys, state.values, chosen)
@@ -143,7 +169,7 @@ def _packed_batch(press: Press, state: LayerState, lengths: list[int], validity:
         chosen = _select(press, slice_state(state, i, length))
         kept[i, :, :length] = _kept_mask(chosen, length)[0]
     if press.rerotates_keys:
-        keys = rerotate(keys, kept, state.rotary)
+        keys = rerotate(keys, kept, state.rotary, state.rope_scale)
     return pack_layer(keys, state.values, kept, seq_len, validity)
 
 
@@ -175,9 +201,10 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict, output, *, targ
         values=layer.values,
         cos=cos,
         sin=sin,
-        rotary=lambda positions: rotary(hidden, positions),
+        rotary=partial(rotary_tables, rotary, hidden),
         attention_weights=weights,
         queries=queries if queries is not None and queries.shape[-2] == seq_len else None,
+        rope_scale=model_access.rope_scale(rotary),
     )
     before = layer_bytes(layer)
     for target in targets:

@@ -37,6 +37,8 @@ class LayerState:
     # post-RoPE queries of every context token, [batch, heads, seq, head_dim], as the attention computed them
     # during the prefill (kvbench.compression.query_capture); None when they were not captured
     queries: torch.Tensor | None = None
+    # the factor cos/sin carry on top of the rotation (model_access.rope_scale): 1 but for YaRN / LongRoPE
+    rope_scale: float = 1.0
 
     @property
     def seq_len(self) -> int:
@@ -52,12 +54,14 @@ class LayerState:
     def pre_rope_queries(self, positions: slice = slice(None)) -> torch.Tensor:
         """Queries before RoPE: the captured ones rotated back (cheaper than projecting again), else projected."""
         if self.queries is not None:
-            return model_access.unrotate(self.queries[:, :, positions], self.cos[:, positions], self.sin[:, positions])
+            return model_access.unrotate(self.queries[:, :, positions], self.cos[:, positions], self.sin[:, positions],
+                                         self.rope_scale)
         return model_access.pre_rope_queries(self.module, self.hidden_states[:, positions])
 
     def pre_rope_keys(self, positions: slice = slice(None)) -> torch.Tensor:
         """Keys before RoPE, the cached keys rotated back (what the key projection and its norm gave)."""
-        return model_access.unrotate(self.keys[:, :, positions], self.cos[:, positions], self.sin[:, positions])
+        return model_access.unrotate(self.keys[:, :, positions], self.cos[:, positions], self.sin[:, positions],
+                                     self.rope_scale)
 
 
 def require_int(press: object, name: str, low: int) -> None:
