@@ -128,6 +128,27 @@ def resolve_source(name_or_path: str) -> Path | str:
     return name_or_path
 
 
+MODEL_TEXT_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.py")  # config, tokenizer, chat template, remote code
+MODEL_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
+
+
+def model_inputs(name_or_path: str) -> dict[str, str | None]:
+    """What the model's files are, for the run's identity: the packaged model's distribution version; for a local
+    directory its config, tokenizer and template files by content and its weight files by name and size (reading
+    gigabytes at every start would cost more than most runs). A hub id is named by the config alone."""
+    from kvbench.fingerprint import files_digest, package_version
+
+    if name_or_path in PACKAGED_MODELS:
+        distribution = PACKAGED_MODELS[name_or_path][0].replace("_", "-")
+        return {distribution: package_version(distribution)}
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return {}
+    texts = [path for pattern in MODEL_TEXT_FILES for path in folder.glob(pattern)]
+    weights = [path for pattern in MODEL_WEIGHT_FILES for path in folder.glob(pattern)]
+    return {"model_files": files_digest(texts, folder), "model_weights": files_digest(weights, folder, contents=False)}
+
+
 def _hub_error(source: str, exc: Exception) -> KVBenchError:
     return KVBenchError(
         f"could not load '{source}' from the Hugging Face hub ({type(exc).__name__}); "

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvbench import atomic
 from kvbench.errors import KVBenchError
+from kvbench.fingerprint import source_digest
 
 RESULT_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 IDENTITY_FILE = "identity.json"  # what decides reuse: see run_identity
@@ -173,12 +174,19 @@ def _version(package: str) -> str | None:
         return None
 
 
-def run_identity(config: DictConfig, *, dtype: str, device_type: str) -> dict:
-    """Everything that can change a run's numbers; a finished result is reused only for an equal identity."""
+def run_identity(config: DictConfig, *, dtype: str, device_type: str, inputs: dict | None = None) -> dict:
+    """Everything that can change a run's numbers; a finished result is reused only for an equal identity.
+
+    ``inputs``: what the run reads besides its config (data and model file digests, data package versions;
+    ``kvbench.fingerprint``). ``kvbench_source`` is the digest of the code itself, which the commit misses when
+    the checkout has uncommitted edits or kvbench was installed without git.
+    """
     return {
         "config": identity_config(config),
+        "inputs": dict(inputs or {}),
         "kvbench_version": _version("kvbench"),
         "kvbench_commit": kvbench_commit(),
+        "kvbench_source": source_digest(),
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         "dtype": dtype,

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from kvbench import generation
 from kvbench.compression import LAYOUTS
-from kvbench.datasets import dataset_kind, dataset_module, higher_is_better, load_dataset
+from kvbench.datasets import data_inputs, dataset_kind, dataset_module, higher_is_better, load_dataset
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
-from kvbench.models import ModelSpec, load_config, load_model, max_length, resolve_device, resolve_dtype
+from kvbench.models import ModelSpec, load_config, load_model, max_length, model_inputs, resolve_device, resolve_dtype
 from kvbench.presses import build_press
 from kvbench.results import SPEED_COLUMNS, RunDirectory, identity_apart_from, run_identity, run_name
 from kvbench.tracking import check_logger
@@ -417,7 +417,9 @@ def expected_identity(cfg: DictConfig) -> dict:
     the way ``kvbench.models`` loads the model (cuda when available; float32 on CPU, bfloat16 on GPU)."""
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.model.get("dtype", "auto")), device)
-    return run_identity(recorded_config(cfg), dtype=str(dtype).removeprefix("torch."), device_type=device.type)
+    inputs = {"data": data_inputs(cfg.dataset.name, cfg.dataset), "model": model_inputs(str(cfg.model.name_or_path))}
+    return run_identity(recorded_config(cfg), dtype=str(dtype).removeprefix("torch."), device_type=device.type,
+                        inputs=inputs)
 
 
 def recorded_config(cfg: DictConfig) -> DictConfig:

@@ -7,7 +7,9 @@ through ``dataset_kind`` / ``higher_is_better`` and never name a benchmark. A mo
 is a generation benchmark scored higher-is-better. Generation benchmarks return the canonical columns
 ``context, question, answer_prefix, answers, max_new_tokens, task`` (+ extras); perplexity benchmarks
 return one row per scored window: ``sample_id, input_ids, context_tokens`` (+ extras such as where the
-window lies in its book). The tokenizer is only used to measure or cut text in tokens.
+window lies in its book). The tokenizer is only used to measure or cut text in tokens. A module that reads
+more than its config names (local files, a data package) says what with ``data_inputs(cfg)``: digests and
+versions that enter the run's identity, so a result is not reused over other data.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def dataset_module(name: str):
 
 def load_dataset(name: str, cfg, tokenizer):
     return dataset_module(name).load(cfg, tokenizer)
+
+
+def data_inputs(name: str, cfg) -> dict:
+    """What the dataset reads besides its config (``data_inputs`` of its module; none declared: nothing)."""
+    declared = getattr(dataset_module(name), "data_inputs", None)
+    return dict(declared(cfg)) if declared is not None else {}
 
 
 def dataset_kind(name: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from kvbench import atomic
 from kvbench.errors import KVBenchError
+from kvbench.fingerprint import files_digest
 from kvbench.models import cache_root
 
 DEB_PACKAGE = "r-cran-janeaustenr"
@@ -196,6 +197,12 @@ def ensure_austen() -> Path:
     if not _is_complete(target):
         _given_deb()  # a wrong path is refused before anything is written
     return atomic.ensure_dir(target, _extract, _is_complete)
+
+
+def books_digest() -> str | None:
+    """The extracted novels' digest (a run's identity), extracting them first as loading would."""
+    folder = ensure_austen()
+    return files_digest([folder / f"{book}.txt" for book in BOOK_IDS], folder)
 
 
 def load_books() -> dict[str, str]:

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from kvbench.errors import KVBenchError
+from kvbench.fingerprint import files_digest
 
 KIND = "generate"
 HIGHER_IS_BETTER = True
@@ -158,11 +159,25 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _local_rows(directory: Path, task: str) -> list[dict]:
+def _local_file(directory: Path, task: str) -> Path | None:
     candidates = [directory / f"{task}_e.jsonl", directory / f"{task}.jsonl", directory / "data" / f"{task}_e.jsonl"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return _read_jsonl(candidate)
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
+
+
+def data_inputs(cfg: Mapping[str, Any]) -> dict[str, str | None]:
+    """The digest of the local jsonl files the selected tasks read (the hub source is named by its id, in the config)."""
+    path = cfg.get("path", None)
+    directory = Path(str(path)).expanduser() if path is not None else None
+    if directory is None or not directory.is_dir():
+        return {}
+    files = [found for found in (_local_file(directory, task) for task in _task_list(cfg)) if found is not None]
+    return {"local_files": files_digest(files, directory)}
+
+
+def _local_rows(directory: Path, task: str) -> list[dict]:
+    found = _local_file(directory, task)
+    if found is not None:
+        return _read_jsonl(found)
     raise KVBenchError(
         f"no LongBench file for task '{task}' in {directory}; expected {task}_e.jsonl or {task}.jsonl "
         f"(unzip LongBench's data.zip there, or restrict dataset.tasks)"

@@ -21,6 +21,7 @@ import pandas as pd
 
 from kvbench.datasets import ruler_data
 from kvbench.errors import KVBenchError
+from kvbench.fingerprint import package_version
 
 KIND = "generate"
 HIGHER_IS_BETTER = True
@@ -69,6 +70,15 @@ def haystack_source(name: str) -> str:
     if not text.strip():
         raise KVBenchError(f"the {name} haystack is empty; reinstall its source or pick the other dataset.haystack")
     return text
+
+
+def data_inputs(cfg: Mapping[str, Any]) -> dict[str, str | None]:
+    """The haystack's source: the RULER data package's version, or the extracted Austen novels' digest."""
+    if str(cfg.get("haystack", "essays") or "essays") == "austen":
+        from kvbench.datasets.austen import books_digest
+
+        return {"austen_books": books_digest()}
+    return {ruler_data.DISTRIBUTION: package_version(ruler_data.DISTRIBUTION)}
 
 
 def count_tokens(tokenizer: Any, text: str) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from kvbench.errors import KVBenchError
+from kvbench.fingerprint import folder_digest
 
 KIND = "perplexity"  # windows scored by teacher forcing, no question
 HIGHER_IS_BETTER = False  # perplexity
@@ -48,6 +49,18 @@ def _austen_books() -> list[tuple[str, str]]:
     from kvbench.datasets.austen import load_books
 
     return list(load_books().items())
+
+
+def data_inputs(cfg: Mapping[str, Any]) -> dict[str, str | None]:
+    """The books' digest for the offline sources (the hub source is named by its id and split, in the config)."""
+    source = str(cfg.get("source", "austen") or "austen")
+    if source == "austen":
+        from kvbench.datasets.austen import books_digest
+
+        return {"austen_books": books_digest()}
+    if source == "local":
+        return {"local_books": folder_digest(cfg.get("path", None), "*.txt")}
+    return {}
 
 
 def _local_books(path: Any) -> list[tuple[str, str]]:

