@@ -16,6 +16,7 @@ import torch
 
 from kvbench import atomic
 from kvbench.errors import KVBenchError
+from kvbench.fingerprint import files_digest, package_version
 
 PACKAGED_MODELS = {
     # name -> (python package holding the file, GGUF file name)
@@ -136,8 +137,6 @@ def model_inputs(name_or_path: str) -> dict[str, str | None]:
     """What the model's files are, for the run's identity: the packaged model's distribution version; for a local
     directory its config, tokenizer and template files by content and its weight files by name and size (reading
     gigabytes at every start would cost more than most runs). A hub id is named by the config alone."""
-    from kvbench.fingerprint import files_digest, package_version
-
     if name_or_path in PACKAGED_MODELS:
         distribution = PACKAGED_MODELS[name_or_path][0].replace("_", "-")
         return {distribution: package_version(distribution)}
