@@ -7,6 +7,10 @@ peak into every later job of a multirun), so a CPU peak is reported as unavailab
 
 from __future__ import annotations
 
+import functools
+import platform
+from pathlib import Path
+
 import torch
 
 
@@ -27,3 +31,24 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_model(device: torch.device) -> str:
+    """The GPU's name or the CPU's model: what computed a run. Float rounding differs between them (which of two
+    near-tied tokens a top-k keeps, which greedy token wins a near tie), and every speed figure does, so a run's
+    identity names it. Asking CUDA for a name initialises it in this process; the launching process of a
+    multi-GPU sweep therefore never asks (see ``kvbench.runner.prefill_group_key``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model()

@@ -174,12 +174,15 @@ def _version(package: str) -> str | None:
         return None
 
 
-def run_identity(config: DictConfig, *, dtype: str, device_type: str, inputs: dict | None = None) -> dict:
+def run_identity(config: DictConfig, *, dtype: str, device_type: str, device_name: str | None,
+                 inputs: dict | None = None) -> dict:
     """Everything that can change a run's numbers; a finished result is reused only for an equal identity.
 
     ``inputs``: what the run reads besides its config (data and model file digests, data package versions;
     ``kvbench.fingerprint``). ``kvbench_source`` is the digest of the code itself, which the commit misses when
-    the checkout has uncommitted edits or kvbench was installed without git.
+    the checkout has uncommitted edits or kvbench was installed without git. ``device_name`` (the GPU or CPU
+    model) because rounding and speed differ between devices of one type; ``flash_attn`` because where it is
+    installed it computes the attention of head-adaptive layers and of ``attn_implementation=flash_attention_2``.
     """
     return {
         "config": identity_config(config),
@@ -189,8 +192,10 @@ def run_identity(config: DictConfig, *, dtype: str, device_type: str, inputs: di
         "kvbench_source": source_digest(),
         "torch": _version("torch"),
         "transformers": _version("transformers"),
+        "flash_attn": _version("flash-attn"),
         "dtype": dtype,
         "device_type": device_type,
+        "device_name": device_name,
     }
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from kvbench import generation
 from kvbench.compression import LAYOUTS
 from kvbench.datasets import data_inputs, dataset_kind, dataset_module, higher_is_better, load_dataset
+from kvbench.device import device_model
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
 from kvbench.models import ModelSpec, load_config, load_model, max_length, model_inputs, resolve_device, resolve_dtype
@@ -412,14 +413,17 @@ def _baseline_metrics(cfg: DictConfig, identity: dict) -> dict | None:
     return None
 
 
-def expected_identity(cfg: DictConfig) -> dict:
+def expected_identity(cfg: DictConfig, *, name_device: bool = True) -> dict:
     """The run's identity, known before the model loads: ``device: auto`` and ``model.dtype: auto`` are resolved
-    the way ``kvbench.models`` loads the model (cuda when available; float32 on CPU, bfloat16 on GPU)."""
+    the way ``kvbench.models`` loads the model (cuda when available; float32 on CPU, bfloat16 on GPU).
+
+    ``name_device=False`` leaves the device's name out (None): naming a GPU initialises CUDA, which the launching
+    process of a multi-GPU sweep must not do before its workers pin their GPUs."""
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.model.get("dtype", "auto")), device)
     inputs = {"data": data_inputs(cfg.dataset.name, cfg.dataset), "model": model_inputs(str(cfg.model.name_or_path))}
     return run_identity(recorded_config(cfg), dtype=str(dtype).removeprefix("torch."), device_type=device.type,
-                        inputs=inputs)
+                        device_name=device_model(device) if name_device else None, inputs=inputs)
 
 
 def recorded_config(cfg: DictConfig) -> DictConfig:
@@ -433,8 +437,11 @@ def recorded_config(cfg: DictConfig) -> DictConfig:
 
 
 def prefill_group_key(cfg: DictConfig) -> str:
-    """What jobs must share to share one prefill: the run identity without the press and how much it removes."""
-    return json.dumps(identity_apart_from(expected_identity(cfg), PREFILL_FREE_KEYS), sort_keys=True)
+    """What jobs must share to share one prefill: the run identity without the press and how much it removes.
+
+    Computed in the launching process, so without the device's name: every job of one launcher resolves the
+    same device there, and each worker checks the full identity of its own jobs."""
+    return json.dumps(identity_apart_from(expected_identity(cfg, name_device=False), PREFILL_FREE_KEYS), sort_keys=True)
 
 
 def _prepare(cfg: DictConfig, variant: str) -> Job:
@@ -525,7 +532,9 @@ def _compute(jobs: list[Job]) -> dict[Path, dict]:
     model, tokenizer = get_model(cfg, cfg.device)
     torch.manual_seed(int(cfg.seed))
     for job in jobs:
-        job.identity["dtype"] = str(model.dtype).removeprefix("torch.")  # the model's actual dtype is what counts
+        # The model's actual dtype and device are what count.
+        job.identity["dtype"] = str(model.dtype).removeprefix("torch.")
+        job.identity["device_name"] = device_model(model.device)
         job.press = build_press(job.cfg.press.name, **press_params(job.cfg))
         job.done = None if job.cfg.overwrite else job.directory.load_checkpoint(job.identity)
         if job.done is not None:
@@ -564,6 +573,7 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
         wall_seconds=time.perf_counter() - start,
         jobs_sharing_prefill=group_size,
         device=str(ctx.model.device),
+        device_name=job.identity["device_name"],
     )
     if kind == "perplexity" and cfg.press.name != "no_press" and hasattr(scorer, "compare_to_baseline"):
         baseline = _baseline_metrics(cfg, job.identity)

@@ -67,6 +67,7 @@ def write_run(
     speed: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
     predictions: pd.DataFrame | None = None,
+    device_name: str | None = "Test CPU",
 ) -> Path:
     """Write one complete run dir (config.yaml, metrics.json, predictions.csv, identity.json) and return it."""
     name_variant = variant or ("query_aware" if query_aware else "")
@@ -80,7 +81,7 @@ def write_run(
             section = config["dataset"] if key in config["dataset"] else config
             section[key] = yaml.safe_load(value)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    identity = run_identity(OmegaConf.create(config), dtype="float32", device_type="cpu")
+    identity = run_identity(OmegaConf.create(config), dtype="float32", device_type="cpu", device_name=device_name)
     (run_dir / "identity.json").write_text(json.dumps(identity, indent=2))
     metrics: dict[str, Any] = {
         "score": score,

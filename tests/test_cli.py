@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from kvbench.device import device_model
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,15 +229,17 @@ def test_a_result_of_another_setup_is_not_reused(tmp_path, books):
     (run_dir,) = complete_dirs(out)
     identity = json.loads((run_dir / "identity.json").read_text())
     assert identity["dtype"] == "float32" and identity["device_type"] == "cpu" and identity["config"]["press"]["name"] == "knorm"
-    identity["kvbench_version"] = "0.0.1"  # as if computed by another kvbench
+    here = device_model(torch.device("cpu"))
+    assert identity["device_name"] == here == json.loads((run_dir / "metrics.json").read_text())["device_name"]
+    identity["device_name"] = "Another CPU"  # as if computed on another machine (other rounding, other speed)
     (run_dir / "identity.json").write_text(json.dumps(identity))
     again = kvbench(*args)
     errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert again.returncode == 2 and len(errors) == 1, again.stderr[-2000:]
-    assert 'kvbench_version: "0.0.1" -> ' in errors[0] and "overwrite=true" in errors[0]
+    assert f'device_name: "Another CPU" -> "{here}"' in errors[0] and "overwrite=true" in errors[0]
     rerun = kvbench(*args, "overwrite=true")
     assert rerun.returncode == 0 and "score =" in rerun.stdout
-    assert json.loads((run_dir / "identity.json").read_text())["kvbench_version"] != "0.0.1"
+    assert json.loads((run_dir / "identity.json").read_text())["device_name"] == here
 
 
 def test_a_press_with_its_own_parameters_is_compared_with_the_baseline_of_its_windows_only(tmp_path, books):

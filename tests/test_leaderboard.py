@@ -323,6 +323,33 @@ def test_speed_columns_are_the_ones_the_runner_writes(tmp_path):
         assert table.loc[0, column] == value  # kv_kept_fraction included
 
 
+def test_times_from_different_devices_are_never_drawn_as_one_comparison(tmp_path, monkeypatch):
+    from kvbench.leaderboard import plots
+
+    for press, ratio, seconds, device in (("no_press", 0.0, 0.30, "GPU A"), ("snapkv", 0.5, 0.20, "GPU A"),
+                                          ("snapkv", 0.75, 0.02, "GPU B"), ("knorm", 0.5, 0.01, "GPU B"),
+                                          ("tova", 0.5, 0.5, None)):  # None: written before identities named it
+        write_run(tmp_path, "ruler", MODEL, press, ratio, 50.0, device_name=device,
+                  speed={"seconds_per_token": seconds, "prefill_seconds": 1.0})
+    table, _ = load_results(tmp_path)
+    assert dict(zip(table["run_name"].str.split("__").str[2:4].str.join(" "), table["device"])) == {
+        "no_press 0.00": "GPU A", "snapkv 0.50": "GPU A", "snapkv 0.75": "GPU B", "knorm 0.50": "GPU B", "tova 0.50": "cpu"}
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots._speed_figure(table, "ruler", MODEL, plots.line_styles(table), tmp_path / "speed.png")
+    (fig,) = figures
+    decode = {ax.get_title(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+              for ax in fig.axes if "decoding" in ax.get_ylabel()}
+    assert decode == {"GPU A": {"no_press": ([0, 1], [0.30, 0.30]), "snapkv": ([0.5], [0.20])},
+                      "GPU B": {"snapkv": ([0.75], [0.02]), "knorm": ([0.5], [0.01])},
+                      "cpu": {"tova": ([0.5], [0.5])}}
+    assert set(plots._legend_entries(fig)[1]) == {"no_press", "snapkv", "knorm", "tova"}  # every row's lines
+    one_device = table[table["device"] == "GPU B"]
+    assert [device for device, _ in plots.device_rows(one_device)] == ["GPU B"]
+    monkeypatch.undo()
+    assert "<td>GPU B</td>" in build_leaderboard(tmp_path).html.read_text(encoding="utf-8")
+
+
 def test_a_budget_run_sits_at_its_achieved_kept_fraction(tmp_path):
     speed = {"kv_kept_fraction": 0.3, "kv_bytes_after": 100}
     write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0, variant="budget=128", speed=speed, extra={"budget": 128})

@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kvbench.device import device_model
 from kvbench.errors import KVBenchError
 from kvbench.results import (RunDirectory, format_ratio, identity_config, identity_difference, run_identity, run_name,
                              variant_from_overrides)
@@ -132,8 +133,8 @@ def _cfg(**extra):
                              "logger": {"name": "none"}, **extra})
 
 
-def _identity(dtype="float32", **extra):
-    return run_identity(_cfg(**extra), dtype=dtype, device_type="cpu")
+def _identity(dtype="float32", device_name="CPU A", **extra):
+    return run_identity(_cfg(**extra), dtype=dtype, device_type="cpu", device_name=device_name)
 
 
 def _finish(directory, identity, score=1.0):
@@ -146,11 +147,14 @@ def test_identity_leaves_out_where_and_how_results_are_kept():
     base = _identity()
     assert base == _identity(output_dir="elsewhere", overwrite=True, logger={"name": "wandb"}, device="cuda:1",
                              wandb={"mode": "online"})
-    assert {"kvbench_version", "kvbench_commit", "torch", "transformers", "dtype", "device_type", "config"} <= set(base)
+    assert {"kvbench_version", "kvbench_commit", "torch", "transformers", "flash_attn", "dtype", "device_type",
+            "device_name", "config"} <= set(base)
     assert base["torch"] and base["transformers"] and base["kvbench_version"]
     assert "output_dir" not in base["config"] and "device" not in base["config"]
     assert base != _identity(dtype="bfloat16") and base != _identity(seed=7)
     assert identity_difference(base, _identity(dtype="bfloat16", seed=7)) == ["config.seed: (absent) -> 7", 'dtype: "float32" -> "bfloat16"']
+    # Another CPU or GPU model rounds differently (near ties) and times differently: another run.
+    assert identity_difference(base, _identity(device_name="CPU B")) == ['device_name: "CPU A" -> "CPU B"']
 
 
 def test_finished_result_is_reused_only_for_the_same_identity(tmp_path):
@@ -238,4 +242,16 @@ def test_identity_is_known_before_the_model_loads(monkeypatch):
     gpu = torch.cuda.is_available()
     assert (auto["device_type"], auto["dtype"]) == (("cuda", "bfloat16") if gpu else ("cpu", "float32"))
     assert (cpu_bf16["device_type"], cpu_bf16["dtype"]) == ("cpu", "bfloat16")
+    assert cpu_bf16["device_name"] == device_model(torch.device("cpu")) and cpu_bf16["device_name"]
     assert no_press[0] == no_press[1]  # every ratio of a sweep shares the one uncompressed run
+
+
+def test_the_launching_process_groups_jobs_without_naming_the_device(monkeypatch):
+    """Naming a GPU initialises CUDA, which a multi-GPU sweep's launching process must not do before its workers
+    pin their GPUs: the prefill group key leaves the name out, each worker's own identity has it."""
+    from kvbench import runner
+
+    monkeypatch.setattr(runner, "device_model", lambda device: pytest.fail("the group key named the device"))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        key = json.loads(runner.prefill_group_key(compose("config", overrides=["device=cpu"])))
+    assert key["device_name"] is None and key["device_type"] == "cpu"

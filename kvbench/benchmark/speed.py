@@ -9,7 +9,6 @@ run would. Decoding ignores EOS so every row decodes exactly ``decode_tokens`` t
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 import torch
 
 from kvbench.compression.cache import kv_bytes
-from kvbench.device import peak_memory_bytes, reset_peak_memory
+from kvbench.device import device_model, peak_memory_bytes, reset_peak_memory
 from kvbench.errors import KVBenchError
 from kvbench.generation import greedy_decode, prefill
 from kvbench.presses import build_press
@@ -94,16 +93,8 @@ def plan(options: BenchmarkOptions) -> list[Job]:
 def device_name(device: torch.device) -> str:
     """The accelerator's name, or the CPU model with the cores torch may use."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads)"
+        return device_model(device)
+    return f"{device_model(device)} ({os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads)"
 
 
 def random_prompt(vocab_size: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

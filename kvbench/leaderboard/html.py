@@ -86,6 +86,8 @@ _RUN_COLUMNS = (
     ("kv_bytes_after", "KV after (MiB)"),
     ("kv_kept_fraction", "KV kept"),
     ("peak_memory_bytes", "peak mem (MiB)"),
+    ("device", "device"),
+    ("dtype", "dtype"),
     ("duplicate_of", "same identity as"),
     ("run_name", "run directory"),
 )
@@ -159,7 +161,7 @@ def _runs_html(table: pd.DataFrame) -> str:
             if column == "run_name":
                 cells.append(f'<td class="run"><code>{_e(text)}</code></td>')
                 continue
-            css = ' class="num"' if column not in ("dataset", "model", "label") else ""
+            css = ' class="num"' if column not in ("dataset", "model", "label", "device", "dtype") else ""
             cells.append(f"<td{css}>{_e(text)}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return (

@@ -8,7 +8,7 @@ when called from a long-lived process (the harness, a notebook, a sweep callback
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
 from matplotlib.axes import Axes
@@ -122,9 +122,18 @@ def _maybe_log(ax: Axes, block: pd.DataFrame, value: str) -> None:
         ax.set_yscale("log")
 
 
-def _save(fig: Figure, path: Path, legend_ax: Axes | None = None) -> Path:
-    axes = legend_ax or fig.axes[0]
-    handles, labels = axes.get_legend_handles_labels()
+def _legend_entries(fig: Figure) -> tuple[list, list[str]]:
+    """Every line of every panel once: a label may have no data in the first panel (a length bucket it did not
+    reach, a device it did not run on)."""
+    entries: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return list(entries.values()), list(entries)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    handles, labels = _legend_entries(fig)
     if handles:
         if max(len(label) for label in labels) <= 32:
             fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=9)
@@ -169,10 +178,12 @@ def _bucket_figure(block: pd.DataFrame, dataset: str, model: str, styles, path: 
     axes[0].set_ylabel("score (higher is better)")
     title = f"{dataset} per length bucket — {model}"
     fig.suptitle(title, fontsize=11)
-    return PlotInfo("buckets", dataset, model, title, _save(fig, path, axes[0]))
+    return PlotInfo("buckets", dataset, model, title, _save(fig, path))
 
 
 def _speed_figure(block: pd.DataFrame, dataset: str, model: str, styles, path: Path) -> PlotInfo | None:
+    """Times against ratio, one row of panels per device: times of two GPUs (or a GPU and a CPU) are never
+    averaged into one point or drawn as one comparison."""
     panels = [
         ("prefill_compression_seconds", "prefill + compression (s)", "lower is better"),
         ("seconds_per_token", "decoding seconds / token", "lower is better"),
@@ -180,16 +191,27 @@ def _speed_figure(block: pd.DataFrame, dataset: str, model: str, styles, path: P
     panels = [p for p in panels if p[0] in block and block[p[0]].notna().any()]
     if not panels:
         return None
-    fig = Figure(layout="constrained", figsize=(4.2 * len(panels) + 1.0, 3.8))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (column, ylabel, direction) in zip(axes, panels):
-        draw_vs_ratio(ax, block, column, styles)
-        ax.set_ylabel(f"{ylabel} ({direction})")
-        ax.set_xlabel("compression ratio")
-        _from_zero(ax)
+    devices = device_rows(block)
+    fig = Figure(layout="constrained", figsize=(4.2 * len(panels) + 1.0, 3.4 * len(devices) + 0.4))
+    grid = fig.subplots(len(devices), len(panels), squeeze=False)
+    for axes, (device, rows) in zip(grid, devices):
+        for ax, (column, ylabel, direction) in zip(axes, panels):
+            draw_vs_ratio(ax, rows, column, styles)
+            ax.set_ylabel(f"{ylabel} ({direction})")
+            ax.set_xlabel("compression ratio")
+            _from_zero(ax)
+            if len(devices) > 1:
+                ax.set_title(device or "device not recorded", fontsize=9)
     title = f"Speed — {dataset} / {model}"
     fig.suptitle(title, fontsize=11)
-    return PlotInfo("speed", dataset, model, title, _save(fig, path, axes[0]))
+    return PlotInfo("speed", dataset, model, title, _save(fig, path))
+
+
+def device_rows(block: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """``(device, its runs)`` in name order; the whole block once when it was computed on one device."""
+    if "device" not in block or block["device"].fillna("").nunique() <= 1:
+        return [(str(block["device"].fillna("").iloc[0]) if "device" in block and len(block) else "", block)]
+    return [(str(device), rows) for device, rows in block.groupby(block["device"].fillna(""), sort=True)]
 
 
 def _memory_figure(block: pd.DataFrame, dataset: str, model: str, styles, path: Path) -> PlotInfo | None:

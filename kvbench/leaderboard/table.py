@@ -58,6 +58,8 @@ BASE_COLUMNS = (
     "seed",
     "identity",
     "duplicate_of",
+    "device",
+    "dtype",
 )
 DERIVED_COLUMNS = ("prefill_compression_seconds", "wall_seconds")
 TAIL_COLUMNS = ("run_name", "run_dir")
@@ -177,6 +179,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         # A token budget removes a different fraction of each context: place the run where it actually landed.
         ratio = round(1.0 - float(speed["kv_kept_fraction"]), 4)
 
+    identity = RunDirectory(run_dir.parent, run_dir.name).recorded_identity()
     row: dict[str, Any] = {
         "dataset": dataset,
         "model": model,
@@ -197,7 +200,9 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "context_length": section("dataset").get("context_length"),
         "budget": budget,
         "seed": config.get("seed"),
-        "identity": _identity_key(run_dir),
+        "identity": _identity_key(identity),
+        "device": _device(identity, metrics),
+        "dtype": str(identity.get("dtype") or "") if identity else "",
         "wall_seconds": float(metrics["wall_seconds"]) if _is_number(metrics.get("wall_seconds")) else math.nan,
         "run_name": str(metrics.get("run_name") or run_dir.name),
         "run_dir": str(run_dir),
@@ -233,9 +238,17 @@ def _declared(dataset: str, read, default):
         return default
 
 
-def _identity_key(run_dir: Path) -> str | None:
+def _device(identity: dict | None, metrics: dict[str, Any]) -> str:
+    """What computed the run: the GPU or CPU model its identity records; the device type or the torch device for
+    runs written before identities named it ("" when nothing says)."""
+    for value in ((identity or {}).get("device_name"), (identity or {}).get("device_type"), metrics.get("device")):
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+def _identity_key(identity: dict | None) -> str | None:
     """A short digest of ``identity.json`` (None for runs written without one): equal digests = the same run."""
-    identity = RunDirectory(run_dir.parent, run_dir.name).recorded_identity()
     if identity is None:
         return None
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
