@@ -208,10 +208,9 @@ def _speed_figure(block: pd.DataFrame, dataset: str, model: str, styles, path: P
 
 
 def device_rows(block: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """``(device, its runs)`` in name order; the whole block once when it was computed on one device."""
-    if "device" not in block or block["device"].fillna("").nunique() <= 1:
-        return [(str(block["device"].fillna("").iloc[0]) if "device" in block and len(block) else "", block)]
-    return [(str(device), rows) for device, rows in block.groupby(block["device"].fillna(""), sort=True)]
+    """``(device, its runs)`` in name order ("" for runs that do not say)."""
+    devices = block["device"].fillna("") if "device" in block else pd.Series("", index=block.index)
+    return [(str(device), rows) for device, rows in block.groupby(devices, sort=True)]
 
 
 def _memory_figure(block: pd.DataFrame, dataset: str, model: str, styles, path: Path) -> PlotInfo | None:
