@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kvbench import atomic
+from kvbench import atomic, hub
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import files_digest, package_version
 
@@ -90,6 +90,7 @@ class ModelSpec:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     device: str = "auto"
+    revision: str | None = None  # a hub id's branch, tag or commit (None: main)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -133,16 +134,27 @@ MODEL_TEXT_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.py")  # config, 
 MODEL_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
 
 
-def model_inputs(name_or_path: str) -> dict[str, str | None]:
+def _revision_kwargs(source: Path | str, revision: str | None) -> dict[str, str]:
+    """``revision=`` for a hub load (the commit the identity records, when online); nothing for local files."""
+    if isinstance(source, Path):
+        if revision:
+            raise KVBenchError(f"model.revision={revision} names a hub commit, but the model is read from {source}; "
+                               "remove model.revision or give a hub id")
+        return {}
+    pinned = hub.load_revision(source, revision)
+    return {"revision": pinned} if pinned else {}
+
+
+def model_inputs(name_or_path: str, revision: str | None = None) -> dict[str, str | None]:
     """What the model's files are, for the run's identity: the packaged model's distribution version; for a local
     directory its config, tokenizer and template files by content and its weight files by name and size (reading
-    gigabytes at every start would cost more than most runs). A hub id is named by the config alone."""
+    gigabytes at every start would cost more than most runs); for a hub id the commit its revision resolves to."""
     if name_or_path in PACKAGED_MODELS:
         distribution = PACKAGED_MODELS[name_or_path][0].replace("_", "-")
         return {distribution: package_version(distribution)}
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
-        return {}
+        return {"hub_commit": hub.commit(name_or_path, revision)}
     texts = [path for pattern in MODEL_TEXT_FILES for path in folder.glob(pattern)]
     weights = [path for pattern in MODEL_WEIGHT_FILES for path in folder.glob(pattern)]
     return {"model_files": files_digest(texts, folder), "model_weights": files_digest(weights, folder, contents=False)}
@@ -155,19 +167,19 @@ def _hub_error(source: str, exc: Exception) -> KVBenchError:
     )
 
 
-def load_tokenizer(name_or_path: str = "smollm2-135m"):
+def load_tokenizer(name_or_path: str = "smollm2-135m", revision: str | None = None):
     from transformers import AutoTokenizer
 
     source = resolve_source(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, **_revision_kwargs(source, revision))
     except OSError as exc:
         if isinstance(source, Path):
             raise KVBenchError(f"could not read a tokenizer from {source}: {exc}") from exc
         raise _hub_error(str(source), exc) from exc
 
 
-def load_config(name_or_path: str = "smollm2-135m"):
+def load_config(name_or_path: str = "smollm2-135m", revision: str | None = None):
     """The model's Hugging Face config, read without its weights (cheap enough to check a run before loading).
 
     A packaged model not converted yet is read from its GGUF metadata, so the check never triggers the
@@ -180,7 +192,7 @@ def load_config(name_or_path: str = "smollm2-135m"):
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source = resolve_source(name_or_path)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, **_revision_kwargs(source, revision))
     except (OSError, ValueError) as exc:
         if isinstance(source, Path):
             raise KVBenchError(f"could not read a model config from {source}: {exc}") from exc
@@ -223,10 +235,12 @@ def load_model(spec: ModelSpec):
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     source = resolve_source(spec.name_or_path)
+    revision = _revision_kwargs(source, spec.revision)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **revision)
         check_supported(config)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=spec.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=spec.attn_implementation,
+                                                     **revision)
     except OSError as exc:
         if isinstance(source, Path):
             raise KVBenchError(f"could not load a model from {source}: {exc}") from exc
@@ -234,4 +248,4 @@ def load_model(spec: ModelSpec):
     except ImportError as exc:
         raise KVBenchError(f"attn_implementation={spec.attn_implementation} is not available here ({exc}); use sdpa or eager") from exc
     model.to(device).eval()
-    return model, load_tokenizer(spec.name_or_path)
+    return model, load_tokenizer(spec.name_or_path, spec.revision)

@@ -37,12 +37,19 @@ log = logging.getLogger("kvbench")
 _MODELS: dict[ModelSpec, tuple] = {}  # one load per process, shared by every job of a multirun
 
 
+def model_revision(cfg: DictConfig) -> str | None:
+    """``model.revision``: a hub id's branch, tag or commit; None (the default) reads main."""
+    value = cfg.model.get("revision")
+    return None if value is None else str(value)
+
+
 def get_model(cfg: DictConfig, device: str):
     spec = ModelSpec(
         name_or_path=str(cfg.model.name_or_path),
         dtype=str(cfg.model.get("dtype", "auto")),
         attn_implementation=str(cfg.model.get("attn_implementation", "sdpa")),
         device=str(device),
+        revision=model_revision(cfg),
     )
     if spec not in _MODELS:
         _MODELS.clear()  # a sweep over models keeps one in memory at a time
@@ -69,8 +76,8 @@ def explicit_max_length(cfg: DictConfig) -> int | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _configured_max_length(name_or_path: str) -> int | None:
-    return max_length(load_config(name_or_path))
+def _configured_max_length(name_or_path: str, revision: str | None) -> int | None:
+    return max_length(load_config(name_or_path, revision))
 
 
 def length_limit(cfg: DictConfig, model=None) -> int | None:
@@ -81,7 +88,7 @@ def length_limit(cfg: DictConfig, model=None) -> int | None:
         return explicit
     if model is not None:
         return max_length(model.config)
-    return _configured_max_length(str(cfg.model.name_or_path))
+    return _configured_max_length(str(cfg.model.name_or_path), model_revision(cfg))
 
 
 def lengths_under_test(module, dcfg) -> list[tuple[str, int]]:
@@ -421,7 +428,7 @@ def expected_identity(cfg: DictConfig, *, name_device: bool = True) -> dict:
     process of a multi-GPU sweep must not do before its workers pin their GPUs."""
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.model.get("dtype", "auto")), device)
-    inputs = {"data": data_inputs(cfg.dataset.name, cfg.dataset), "model": model_inputs(str(cfg.model.name_or_path))}
+    inputs = {"data": data_inputs(cfg.dataset.name, cfg.dataset), "model": model_inputs(str(cfg.model.name_or_path), model_revision(cfg))}
     return run_identity(recorded_config(cfg), dtype=str(dtype).removeprefix("torch."), device_type=device.type,
                         device_name=device_model(device) if name_device else None, inputs=inputs)
 

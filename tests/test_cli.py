@@ -53,6 +53,7 @@ def complete_dirs(out: Path) -> list[Path]:
         (["compression_ratio=-0.1"], "compression_ratio must be a number in [0, 1)"),
         (["model.name_or_path=/does/not/exist"], "model directory '/does/not/exist' does not exist"),
         (["model.name_or_path=kvbench-test-org/no-such-model"], "could not load 'kvbench-test-org/no-such-model' from the Hugging Face hub"),
+        (["model.revision=main"], "model.revision=main names a hub commit, but the model is read from"),
         (["+press.window_size=8", "press=knorm"], "press 'knorm' has no parameter window_size"),
         (["logger=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
         (["logger.name=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),

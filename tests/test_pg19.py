@@ -45,17 +45,17 @@ def test_hub_source_with_stand_in(monkeypatch, hub_id):
 
     calls = []
 
-    def fake_load_dataset(name, split, streaming):
-        calls.append((name, split, streaming))
+    def fake_load_dataset(name, split, streaming, revision):
+        calls.append((name, split, streaming, revision))
         titles = ["The Old Man", "The Old Man", "Sea Stories", "Unread"]
         return ({"short_book_title": t, "publication_date": 1900, "url": "u", "text": f"Text of {t} {i}."} for i, t in enumerate(titles))
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    cfg = {"source": "hub", "num_books": 3}
+    cfg = {"source": "hub", "num_books": 3, "revision": "f" * 40}
     if hub_id:
         cfg["hub_id"] = hub_id
     df = pg19.books(cfg)
-    assert calls == [(hub_id or "emozilla/pg19-test", "test", True)]
+    assert calls == [(hub_id or "emozilla/pg19-test", "test", True, "f" * 40)]  # the commit the identity records
     assert list(df["id"]) == ["the_old_man", "the_old_man_2", "sea_stories"]
     assert df.iloc[2].text == "Text of Sea Stories 2."
 

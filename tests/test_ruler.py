@@ -460,8 +460,9 @@ def test_hub_source_maps_columns(monkeypatch):
 
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or hub_stand_in())
-    df = ruler.load({"source": "hub", "context_length": 4096, "num_samples": 2, "tasks": ["vt", "qa_1"]}, None)
-    assert calls == [(("simonjegou/ruler", "4096"), {"split": "test"})]
+    df = ruler.load({"source": "hub", "context_length": 4096, "num_samples": 2, "tasks": ["vt", "qa_1"],
+                     "revision": "d" * 40}, None)
+    assert calls == [(("simonjegou/ruler", "4096"), {"split": "test", "revision": "d" * 40})]
     assert list(df.columns) == list(ruler.COLUMNS)
     assert df["sample_id"].tolist() == ["vt-0000", "qa_1-0000", "qa_1-0001"]
     assert df["answers"].tolist() == [["v"], ["x"], ["y", "z"]]

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from kvbench import hub
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import files_digest
 
@@ -165,10 +166,12 @@ def _local_file(directory: Path, task: str) -> Path | None:
 
 
 def data_inputs(cfg: Mapping[str, Any]) -> dict[str, str | None]:
-    """The digest of the local jsonl files the selected tasks read (the hub source is named by its id, in the config)."""
+    """The digest of the local jsonl files the selected tasks read; for the hub, the commit its revision resolves to."""
     path = cfg.get("path", None)
-    directory = Path(str(path)).expanduser() if path is not None else None
-    if directory is None or not directory.is_dir():
+    if path is None:
+        return {"hub_commit": hub.commit(str(cfg.get("hub_id", None) or HUB_ID), cfg.get("revision", None), "dataset")}
+    directory = Path(str(path)).expanduser()
+    if not directory.is_dir():
         return {}
     files = [found for found in (_local_file(directory, task) for task in _task_list(cfg)) if found is not None]
     return {"local_files": files_digest(files, directory)}
@@ -191,7 +194,7 @@ def _offline_error(hub_id: str, task: str, exc: BaseException) -> KVBenchError:
     )
 
 
-def _hub_rows(hub_id: str, task: str) -> list[dict]:
+def _hub_rows(hub_id: str, task: str, revision: str | None) -> list[dict]:
     """Fetch ``<task>_e`` from the hub.
 
     ``THUDM/LongBench`` is published both as a script-based dataset and as a ``data.zip`` of jsonl files;
@@ -199,13 +202,14 @@ def _hub_rows(hub_id: str, task: str) -> list[dict]:
     """
     import datasets
 
+    revision = hub.load_revision(hub_id, revision, "dataset")
     try:
-        return [dict(row) for row in datasets.load_dataset(hub_id, f"{task}_e", split="test")]
+        return [dict(row) for row in datasets.load_dataset(hub_id, f"{task}_e", split="test", revision=revision)]
     except Exception as first_error:  # noqa: BLE001 - any failure means: try the zip, then tell the user
         try:
             from huggingface_hub import hf_hub_download
 
-            archive = hf_hub_download(hub_id, "data.zip", repo_type="dataset")
+            archive = hf_hub_download(hub_id, "data.zip", repo_type="dataset", revision=revision)
             with zipfile.ZipFile(archive) as zipped:
                 member = next((n for n in zipped.namelist() if n.endswith(f"/{task}_e.jsonl") or n == f"{task}_e.jsonl"), None)
                 if member is None:
@@ -273,7 +277,7 @@ def load(cfg: Mapping[str, Any], tokenizer: Any = None) -> pd.DataFrame:
             raise KVBenchError(f"dataset.path={path} is not a directory; point it at the folder holding LongBench's <task>_e.jsonl files")
     rows: list[dict] = []
     for task in tasks:
-        records = _local_rows(directory, task) if directory is not None else _hub_rows(hub_id, task)
+        records = _local_rows(directory, task) if directory is not None else _hub_rows(hub_id, task, cfg.get("revision", None))
         if num_samples is not None:
             records = records[: int(num_samples)]
         rows.extend(build_rows(task, records))

@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from kvbench import hub
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import folder_digest
 
@@ -52,7 +53,7 @@ def _austen_books() -> list[tuple[str, str]]:
 
 
 def data_inputs(cfg: Mapping[str, Any]) -> dict[str, str | None]:
-    """The books' digest for the offline sources (the hub source is named by its id and split, in the config)."""
+    """The books' digest for the offline sources; for the hub, the commit its revision resolves to."""
     source = str(cfg.get("source", "austen") or "austen")
     if source == "austen":
         from kvbench.datasets.austen import books_digest
@@ -60,7 +61,7 @@ def data_inputs(cfg: Mapping[str, Any]) -> dict[str, str | None]:
         return {"austen_books": books_digest()}
     if source == "local":
         return {"local_books": folder_digest(cfg.get("path", None), "*.txt")}
-    return {}
+    return {"hub_commit": hub.commit(str(cfg.get("hub_id", None) or DEFAULT_HUB_ID), cfg.get("revision", None), "dataset")}
 
 
 def _local_books(path: Any) -> list[tuple[str, str]]:
@@ -75,12 +76,13 @@ def _local_books(path: Any) -> list[tuple[str, str]]:
     return [(file.stem, file.read_text(encoding="utf-8", errors="replace")) for file in files]
 
 
-def _hub_books(hub_id: str, split: str, limit: int | None) -> list[tuple[str, str]]:
+def _hub_books(hub_id: str, split: str, limit: int | None, revision: str | None) -> list[tuple[str, str]]:
     """Stream the split so that ``deepmind/pg19`` does not pull its 11 GB train split to read 100 test books."""
     import datasets
 
     try:
-        stream: Iterable[Mapping[str, Any]] = datasets.load_dataset(hub_id, split=split, streaming=True)
+        stream: Iterable[Mapping[str, Any]] = datasets.load_dataset(
+            hub_id, split=split, streaming=True, revision=hub.load_revision(hub_id, revision, "dataset"))
         books = []
         seen: dict[str, int] = {}
         for index, record in enumerate(stream):
@@ -109,7 +111,8 @@ def books(cfg: Mapping[str, Any]) -> pd.DataFrame:
     elif source == "local":
         found = _local_books(cfg.get("path", None))
     elif source == "hub":
-        found = _hub_books(str(cfg.get("hub_id", None) or DEFAULT_HUB_ID), str(cfg.get("split", None) or "test"), limit)
+        found = _hub_books(str(cfg.get("hub_id", None) or DEFAULT_HUB_ID), str(cfg.get("split", None) or "test"), limit,
+                           cfg.get("revision", None))
     else:
         raise KVBenchError(f"unknown dataset.source '{source}'; use one of {', '.join(SOURCES)}")
     if limit is not None:

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import pandas as pd
 
+from kvbench import hub
 from kvbench.datasets import ruler_data
 from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, RULER_COMMIT, SPECS, Prompt, Target, generate
 from kvbench.errors import KVBenchError
@@ -33,6 +34,7 @@ DEFAULTS = {
     "ruler_commit": RULER_COMMIT,
     "hub_id": "simonjegou/ruler",
     "hub_config": None,
+    "revision": None,
 }
 HUB_CONFIGS = ("4096", "8192", "16384")
 KIND = "generate"
@@ -117,7 +119,7 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
 def data_inputs(cfg: Mapping | None) -> dict[str, str | None]:
     """What generated samples are drawn from besides the config: RULER's data package and the word lists."""
     if str(_option(cfg, "source")) == "hub":
-        return {}
+        return {"hub_commit": hub.commit(str(_option(cfg, "hub_id")), _option(cfg, "revision"), "dataset")}
     return {ruler_data.DISTRIBUTION: package_version(ruler_data.DISTRIBUTION), "wonderwords": package_version("wonderwords")}
 
 
@@ -152,7 +154,8 @@ def _load_hub(cfg: Mapping | None, tasks: list[str], length: int, num_samples: i
     import datasets
 
     try:
-        frame = datasets.load_dataset(hub_id, config, split="test").to_pandas()
+        revision = hub.load_revision(hub_id, _option(cfg, "revision"), "dataset")
+        frame = datasets.load_dataset(hub_id, config, split="test", revision=revision).to_pandas()
     except Exception as exc:  # network, auth and missing-dataset errors come from several libraries
         raise KVBenchError(
             f"could not load {hub_id} ({config}) from the Hugging Face hub ({type(exc).__name__}: the hub is unreachable "
