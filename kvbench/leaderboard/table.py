@@ -241,7 +241,8 @@ def _declared(dataset: str, read, default):
 def _device(identity: dict | None, metrics: dict[str, Any]) -> str:
     """What computed the run: the GPU or CPU model its identity records; the device type or the torch device for
     runs written before identities named it ("" when nothing says)."""
-    for value in ((identity or {}).get("device_name"), (identity or {}).get("device_type"), metrics.get("device")):
+    recorded = identity or {}
+    for value in (recorded.get("device_name"), recorded.get("device_type"), metrics.get("device")):
         if isinstance(value, str) and value:
             return value
     return ""
