@@ -75,7 +75,7 @@ def test_load_local_files(longbench_dir):
     assert bool(lcc.chat_template) is False and lcc.max_new_tokens == 64
 
     count = df[df.task == "passage_count"].iloc[0]
-    assert count.answer_prefix == "The final answer is:"
+    assert count.answer_prefix == "The final answer is: "
     assert count.question.endswith("such as 1, 2, 3, and so on.\n\n")
 
 
@@ -89,13 +89,38 @@ def test_num_samples_and_defaults(longbench_dir):
 def test_template_split_reassembles_longbench_prompt(task):
     context_t, question_t, prefix = lb.split_template(task)
     assert context_t.endswith("{context}") and "{context}" not in question_t
-    assert (context_t + question_t + prefix).rstrip() == lb.PROMPTS[task].rstrip()
+    assert context_t + question_t + prefix == lb.PROMPTS[task]
     expected = {
         "qasper": "Answer:", "multifieldqa_en": "Answer:", "hotpotqa": "Answer:", "2wikimqa": "Answer:",
         "gov_report": "Summary:", "multi_news": "Summary:",
-        "passage_count": "The final answer is:", "passage_retrieval_en": "The answer is:",
+        "passage_count": "The final answer is: ", "passage_retrieval_en": "The answer is: ",
     }
     assert prefix == expected.get(task, "")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from kvbench.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.mark.parametrize("task", ["passage_count", "passage_retrieval_en", "hotpotqa"])
+def test_prompt_text_is_longbench_prompt_without_a_chat_template(longbench_dir, tokenizer, task):
+    """A base model reads LongBench's pred.py prompt to the last character ("The answer is: " keeps its space);
+    a chat model gets the same cue verbatim at the start of its turn, as kvpress' answer_prefix."""
+    from kvbench.generation import build_prompt
+
+    record = _record(task, 0, 2000, question="Which paragraph?")
+    _write_jsonl(longbench_dir / f"{task}_e.jsonl", [record])
+    row = lb.load({"tasks": [task], "path": str(longbench_dir)}, None).iloc[0]
+    plain = build_prompt(tokenizer, row.context, [row.question], row.answer_prefix, use_chat_template=False)
+    text = tokenizer.decode(plain.context_ids[0].tolist() + plain.question_ids[0][0].tolist())
+    assert text == lb.PROMPTS[task].format(context=record["context"], input=record["input"])
+
+    chat = build_prompt(tokenizer, row.context, [row.question], row.answer_prefix, use_chat_template=True)
+    turn = tokenizer.decode(chat.question_ids[0][0].tolist())
+    assert turn.endswith("<|im_start|>assistant\n" + lb.PROMPTS[task].rsplit("\n", 1)[1])
 
 
 def test_bad_inputs(longbench_dir):

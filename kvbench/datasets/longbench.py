@@ -114,9 +114,11 @@ def split_template(task: str) -> tuple[str, str, str]:
 
     The harness may truncate and compress the context but must keep the question intact, so the
     template is cut right after ``{context}``. For chat tasks the template's closing cue line
-    ("Answer:", "Summary:", "The answer is:") opens the assistant turn, where it steers the first
-    generated token the same way it did at the end of LongBench's single-string prompt. Raw-text tasks keep
-    everything in the question so that ``context + question`` is LongBench's prompt verbatim.
+    ("Answer:", "Summary:", "The answer is: ") opens the assistant turn, where it steers the first
+    generated token the same way it did at the end of LongBench's single-string prompt. The cue is kept
+    verbatim, trailing space included: without a chat template ``context + question + answer_prefix`` is then
+    LongBench's prompt exactly, and with one it is kvpress' answer prefix. Raw-text tasks keep everything in
+    the question so that ``context + question`` is LongBench's prompt verbatim.
     """
     template = PROMPTS[task]
     head, tail = template.split("{context}")
@@ -127,7 +129,7 @@ def split_template(task: str) -> tuple[str, str, str]:
     last_line = tail[cut:]
     if "{input}" in last_line or not last_line.strip():
         return context_template, tail, ""
-    return context_template, tail[:cut], last_line.rstrip()
+    return context_template, tail[:cut], last_line
 
 
 def _task_list(cfg: Mapping[str, Any]) -> list[str]:
