@@ -160,6 +160,16 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def stop_token_ids(tokenizer, stop_text: str) -> set[int]:
+    """The ids a question with a ``stop_text`` stops at, as LongBench's pred.py stops samsum: the tokenizer's EOS
+    and the last id of the text's encoding, in place of the model's EOS set (``eos_token_id=[eos, nl]`` there).
+    The first new token may be none of them (its ``min_length=context_length + 1``), so the answer is never empty."""
+    encoded = tokenizer.encode(stop_text, add_special_tokens=False)
+    if not encoded:
+        raise KVBenchError(f"stop_text {stop_text!r} encodes to no token; use a text the tokenizer can encode")
+    return {encoded[-1]} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
 def _cache(model, cache) -> dict:
     return {model_access.cache_argument(model): cache}
 
@@ -252,17 +262,21 @@ def _tail_validity(cache):
 
 
 @torch.no_grad()
-def greedy_decode_batch(model, cache, questions: list[torch.Tensor], max_new_tokens: list[int], eos_ids: set[int],
-                        starts: list[int] | None = None) -> tuple[list[list[int]], float, float]:
+def greedy_decode_batch(model, cache, questions: list[torch.Tensor], max_new_tokens: list[int],
+                        eos_ids: set[int] | list[set[int]], starts: list[int] | None = None,
+                        first_token_bans: list[set[int]] | None = None) -> tuple[list[list[int]], float, float]:
     """Greedy decoding of one question per context (``[1, m_i]`` each) over a (batched) cache.
 
     Batch size 1 decodes as the model would on its own. A batch left-pads the questions so every context's last
     question token is the last column; the padding is invisible (tail validity) and positions continue from
     ``starts`` (each context's next position). Every context decodes until the longest budget; each keeps its
-    tokens up to its own EOS or budget. Returns tokens, time to first token and seconds per later token.
+    tokens up to its own stop id (``eos_ids``: one set for all, or one per context) or budget. The first token of
+    context ``i`` is the best one outside ``first_token_bans[i]`` (``generate``'s ``min_length``). Returns tokens,
+    time to first token and seconds per later token.
     """
     device = model.device
     batch = len(questions)
+    stops = list(eos_ids) if isinstance(eos_ids, list) else [eos_ids] * batch
     validity = _tail_validity(cache) if batch > 1 else None
     if batch > 1:
         longest = max(q.shape[-1] for q in questions)
@@ -274,8 +288,13 @@ def greedy_decode_batch(model, cache, questions: list[torch.Tensor], max_new_tok
         ids, valid, positions, next_position = questions[0], None, None, None
     synchronize(device)
     start = time.perf_counter()
-    logits = _step(model, cache, ids, positions, validity, valid, logits_to_keep=1)
-    next_ids = logits[:, -1].argmax(-1).cpu()
+    logits = _step(model, cache, ids, positions, validity, valid, logits_to_keep=1)[:, -1]
+    if first_token_bans and any(first_token_bans):
+        logits = logits.clone()
+        for i, banned in enumerate(first_token_bans):
+            if banned:
+                logits[i, sorted(banned)] = float("-inf")
+    next_ids = logits.argmax(-1).cpu()
     synchronize(device)
     ttft = time.perf_counter() - start
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -286,7 +305,7 @@ def greedy_decode_batch(model, cache, questions: list[torch.Tensor], max_new_tok
         for i in range(batch):
             if not done[i]:
                 tokens[i].append(int(next_ids[i]))
-                done[i] = tokens[i][-1] in eos_ids or len(tokens[i]) >= max_new_tokens[i]
+                done[i] = tokens[i][-1] in stops[i] or len(tokens[i]) >= max_new_tokens[i]
         if all(done):
             break
         step_positions = None if next_position is None else (next_position + steps)[:, None]
@@ -340,16 +359,19 @@ def _context_stats(stats: CompressionStats, i: int, batch: int) -> CompressionSt
 
 
 def answer_prompts(model, tokenizer, prompts: list[Prompt], presses: list[Press], max_new_tokens: list[list[int]],
-                   layout: str = "packed") -> list[list[ContextRun]]:
+                   layout: str = "packed", stop_texts: list[list[str | None]] | None = None) -> list[list[ContextRun]]:
     """One compressed prefill of a batch of prompts per press set; each question decoded from the shared cache.
 
     Returns one list per press with one ``ContextRun`` per prompt. Prompts with fewer questions than the others
-    decode a copy of their last one, whose answer is dropped.
+    decode a copy of their last one, whose answer is dropped. ``stop_texts`` (one per question, None for none)
+    end a question's answer at its text's token instead of at EOS (:func:`stop_token_ids`). An answer is the
+    decoded text as generated, leading blanks and newlines included: LongBench scores exactly that.
     """
     device = model.device
     reset_peak_memory(device)
     prefilled = prefill_many(model, [p.context_ids for p in prompts], presses, layout)
     eos = eos_token_ids(model, tokenizer)
+    stop_sets = {text: stop_token_ids(tokenizer, text) for texts in (stop_texts or []) for text in texts if text is not None}
     rounds = max(len(p.question_ids) for p in prompts)
     out = []
     for index, cache in enumerate(prefilled.caches):
@@ -359,12 +381,16 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], presses: list[Press]
         for j in range(rounds):
             questions = [p.question_ids[min(j, len(p.question_ids) - 1)] for p in prompts]
             budgets = [b[min(j, len(b) - 1)] for b in max_new_tokens]
-            tokens, ttft, per_token = greedy_decode_batch(model, cache, questions, budgets, eos, prefilled.start_positions(index))
+            texts = [t[min(j, len(t) - 1)] for t in stop_texts] if stop_texts else [None] * len(prompts)
+            stops = [eos if text is None else stop_sets[text] for text in texts]
+            bans = [set() if text is None else stop_sets[text] for text in texts]
+            tokens, ttft, per_token = greedy_decode_batch(model, cache, questions, budgets, stops,
+                                                          prefilled.start_positions(index), bans)
             truncate(cache, lengths)  # the next question sees the compressed context, not this answer
             for i, (prompt, ids) in enumerate(zip(prompts, tokens)):
                 if j < len(prompt.question_ids):
                     text = tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
-                    answers[i].append(Answer(text=text.strip(), token_ids=ids, ttft_seconds=ttft, seconds_per_token=per_token))
+                    answers[i].append(Answer(text=text, token_ids=ids, ttft_seconds=ttft, seconds_per_token=per_token))
         out.append(_context_runs(prefilled, index, after, peak_memory_bytes(device), answers))
         prefilled.caches[index] = None  # decoded: its memory can go before the next press' decoding
     return out

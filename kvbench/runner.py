@@ -251,6 +251,13 @@ def _prompt(ctx: RunContext, group: pd.DataFrame) -> generation.Prompt:
     )
 
 
+def _stop_texts(group: pd.DataFrame) -> list[str | None]:
+    """Each question's ``stop_text`` (a dataset's optional column: where its benchmark ends an answer), else None."""
+    if "stop_text" not in group.columns:
+        return [None] * len(group)
+    return [text if isinstance(text, str) and text else None for text in group["stop_text"]]
+
+
 def _refuse_cut(prompt: generation.Prompt, group: pd.DataFrame, max_length: int, length_key: str) -> None:
     """Where the length is the test, a prompt that would lose part of its context is refused: the cut sample
     would test a shorter context (and a needle could go with the cut)."""
@@ -293,7 +300,8 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame) -> None:
                 warned_cut = True
             prompts.append(prompt)
         budgets = [[int(x) for x in g["max_new_tokens"]] for g in batch]
-        runs = generation.answer_prompts(ctx.model, ctx.tokenizer, prompts, [j.press for j in jobs], budgets, ctx.layout)
+        runs = generation.answer_prompts(ctx.model, ctx.tokenizer, prompts, [j.press for j in jobs], budgets, ctx.layout,
+                                         [_stop_texts(g) for g in batch])
         for job, job_runs in zip(jobs, runs):
             rows = []
             for group, prompt, run in zip(batch, prompts, job_runs):

@@ -438,3 +438,63 @@ def test_bad_metric_inputs():
         m.compute(pd.DataFrame([{"task": "qasper", "prediction": "x"}]))
     with pytest.raises(KVBenchError, match="no LongBench predictions"):
         m.compute(pd.DataFrame(columns=["task", "prediction", "answers"]))
+
+
+class _NewlineTokenizer:
+    """Just what decoding reads of a tokenizer: no EOS, "\\n" encoding to ``newline`` last, text with leading blanks."""
+
+    eos_token_id = None
+
+    def __init__(self, newline: int):
+        self.newline = newline
+
+    def encode(self, text, add_special_tokens=False):
+        assert text == "\n" and not add_special_tokens
+        return [7, self.newline]  # a Llama-2-like encoding: a prefix-space piece, then the newline
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "\n  " + " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("newline_at", ["first", "later"])
+def test_samsum_answers_end_where_longbench_pred_py_ends_them(newline_at):
+    """samsum decodes as pred.py's ``generate(eos_token_id=[eos, newline], min_length=context_length + 1)``: a newline
+    as the first token is passed over for the next best, a later one ends the answer; the answer is the decoded text
+    as generated (leading newline and blanks kept, as pred.py writes it). Next to a question without a stop, in one
+    batch, each answers as alone."""
+    import torch
+
+    import kvbench
+    from kvbench.generation import Prompt, answer_prompts
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 60), generator=torch.Generator().manual_seed(5))
+    context, question = ids[:, :52], ids[:, 52:]
+    free = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 60:].tolist()
+    later = next(t for i, t in enumerate(free) if i > 0 and t not in free[:i])
+    newline = free[0] if newline_at == "first" else later
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False, min_length=61, eos_token_id=[newline],
+                              pad_token_id=0)[0, 60:].tolist()
+    tokenizer = _NewlineTokenizer(newline)
+    press = kvbench.build_press("no_press")
+    answer = answer_prompts(model, tokenizer, [Prompt(context, [question])], [press], [[24]], stop_texts=[["\n"]])[0][0].answers[0]
+    assert answer.token_ids == expected
+    if newline_at == "first":
+        assert expected[0] != newline  # the ban was needed: unbanned, the newline would have come first
+    else:
+        assert expected[-1] == newline and len(expected) < 24  # the stop was needed
+    assert answer.text == "\n  " + " ".join(map(str, expected))
+
+    other = Prompt(ids[:, :40], [ids[:, 40:44]])
+    batched = answer_prompts(model, tokenizer, [Prompt(context, [question]), other], [press], [[24], [24]],
+                             stop_texts=[["\n"], [None]])[0]
+    alone = answer_prompts(model, tokenizer, [other], [press], [[24]])[0][0]
+    assert [run.answers[0].token_ids for run in batched] == [expected, alone.answers[0].token_ids]
+
+
+def test_only_samsum_rows_carry_a_stop_text(longbench_dir):
+    _write_jsonl(longbench_dir / "samsum_e.jsonl", [_record("samsum", 0, 3000, question="Dialogue: hi\nSummary:")])
+    df = lb.load({"tasks": ["samsum", "hotpotqa"], "path": str(longbench_dir)}, None)
+    stops = df.set_index("task")["stop_text"]
+    assert stops["samsum"] == "\n" and stops["hotpotqa"].isna().all()

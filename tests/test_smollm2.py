@@ -89,3 +89,20 @@ def test_no_press_perplexity_equals_plain_forward_loss(smol):
     assert abs(nll - float(plain)) / float(plain) < 1e-4
     compressed, _, _ = continuation_nll(model, ids[:, :128], ids[:, 128:], kvbench.build_press("knorm", compression_ratio=0.75))
     assert compressed != pytest.approx(nll, rel=1e-4)
+
+
+def test_samsum_decodes_as_longbench_pred_py(smol):
+    """pred.py's samsum call, on the packaged model and its real newline token: same tokens, same text."""
+    from kvbench.generation import answer_prompts
+
+    model, tokenizer = smol
+    dialogue = "Dialogue: Anna: Are we still meeting at the museum?\nTom: Yes, at five, by the third clock.\nSummary:"
+    prompt = build_prompt(tokenizer, "Summarize the dialogue into a few short sentences.\n\n" + CONTEXT, ["\n\n" + dialogue],
+                          "", use_chat_template=False)
+    ids = torch.cat([prompt.context_ids, prompt.question_ids[0]], dim=1)
+    newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
+    out = model.generate(ids, max_new_tokens=128, num_beams=1, do_sample=False, min_length=ids.shape[1] + 1,
+                         eos_token_id=[tokenizer.eos_token_id, newline])[0, ids.shape[1]:]
+    run = answer_prompts(model, tokenizer, [prompt], [kvbench.build_press("no_press")], [[128]], stop_texts=[["\n"]])[0][0]
+    assert run.answers[0].token_ids == out.tolist()
+    assert run.answers[0].text == tokenizer.decode(out, skip_special_tokens=True)

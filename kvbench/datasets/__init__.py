@@ -5,8 +5,9 @@ questions answered by greedy decoding; "perplexity": windows scored by teacher f
 ``HIGHER_IS_BETTER`` (the headline score's direction); the runner, the leaderboard and the plots read those
 through ``dataset_kind`` / ``higher_is_better`` and never name a benchmark. A module that declares neither
 is a generation benchmark scored higher-is-better. Generation benchmarks return the canonical columns
-``context, question, answer_prefix, answers, max_new_tokens, task`` (+ extras); perplexity benchmarks
-return one row per scored window: ``sample_id, input_ids, context_tokens`` (+ extras such as where the
+``context, question, answer_prefix, answers, max_new_tokens, task`` (+ extras, and an optional
+``stop_text``: a text whose token ends the answer where the benchmark's own harness stops it); perplexity
+benchmarks return one row per scored window: ``sample_id, input_ids, context_tokens`` (+ extras such as where the
 window lies in its book). The tokenizer is only used to measure or cut text in tokens. A module that reads
 more than its config names (local files, a data package) says what with ``data_inputs(cfg)``: digests and
 versions that enter the run's identity, so a result is not reused over other data.

@@ -104,6 +104,10 @@ MAX_NEW_TOKENS: dict[str, int] = {
 
 TASKS: tuple[str, ...] = tuple(PROMPTS)
 
+# pred.py ends samsum answers at the first newline token, and never lets the first one be a newline or EOS
+# (eos_token_id=[eos, newline], min_length=context_length + 1): the model would otherwise go on with "Dialogue:".
+STOP_TEXT: dict[str, str] = {"samsum": "\n"}
+
 # LongBench runs these few-shot / completion tasks as raw text: a chat wrapper would break the pattern
 # the examples set up (the model must continue "Type:", "Answer:", or the code itself).
 NO_CHAT_TEMPLATE: frozenset[str] = frozenset({"trec", "triviaqa", "samsum", "lcc", "repobench-p"})
@@ -259,6 +263,7 @@ def build_rows(task: str, records: Iterable[Mapping[str, Any]]) -> list[dict]:
                 "length": int(record.get("length") or len(context_text.split())),
                 "all_classes": _as_classes(record.get("all_classes")),
                 "chat_template": task not in NO_CHAT_TEMPLATE,
+                "stop_text": STOP_TEXT.get(task),
             }
         )
     return rows
