@@ -509,8 +509,36 @@ def test_compute_averages_tasks_not_samples():
         "answers": [["1234567"], ["7654321"], ["1111111"], np.array(["Normans", "Norsemen"])],
     })
     result = ruler_metric.compute(predictions)
-    assert result == {"score": pytest.approx((100 / 3 + 100) / 2), "per_task": {"niah_single_1": pytest.approx(100 / 3), "qa_1": 100.0}, "num_samples": 4}
+    assert result == {"score": (33.33 + 100) / 2, "per_task": {"niah_single_1": 33.33, "qa_1": 100.0},
+                      "per_task_nulls": {"niah_single_1": 1, "qa_1": 0}, "num_samples": 4}
     assert type(result["score"]) is float and type(result["num_samples"]) is int
     json.dumps(result)
     with pytest.raises(KVBenchError, match="prediction"):
         ruler_metric.compute(predictions.drop(columns="prediction"))
+
+
+def _ruler_eval(task: str, preds: list[str], refs: list[list[str]]) -> float:
+    """RULER's scripts/eval/synthetic/constants.py metric functions, as there (postprocess_pred first)."""
+    import re
+
+    preds = [re.compile(r"[\x00-\x1f]").sub("\n", p.strip()).strip() for p in preds]
+    if task.startswith("qa"):
+        score = sum([max([1.0 if r.lower() in pred.lower() else 0.0 for r in ref]) for pred, ref in zip(preds, refs)]) / len(preds) * 100
+    else:
+        score = sum([sum([1.0 if r.lower() in pred.lower() else 0.0 for r in ref]) / len(ref) for pred, ref in zip(preds, refs)]) / len(preds) * 100
+    return round(score, 2)
+
+
+@pytest.mark.parametrize("task, preds, refs", [
+    ("niah_multivalue", ["1 2 3", "2", "nothing"], [["1", "2", "3"]] * 3),  # 44.444.. -> 44.44
+    ("cwe", ["a b", "c", "a\x01c", " \n"] * 3, [["a", "b", "c"]] * 12),  # 41.666.. -> 41.67; control character; null
+    ("vt", ["A B C D E", "A", "A B"], [["A", "B", "C", "D", "E"]] * 3),  # 53.333.. -> 53.33
+    ("qa_1", ["Paris", "lyon", "no", "FRANCE", "x", "y"], [["paris", "France"]] * 6),  # 33.333.. -> 33.33
+    ("niah_single_1", ["7"] * 2 + [""] * 4, [["7"]] * 6),  # 33.333.. -> 33.33; four nulls
+])
+def test_task_figures_and_nulls_equal_ruler_eval(task, preds, refs):
+    """Task figures are RULER's, rounding included, and the nulls count what RULER's summary counts."""
+    result = ruler_metric.compute(pd.DataFrame({"task": [task] * len(preds), "prediction": preds, "answers": refs}))
+    assert result["per_task"] == {task: _ruler_eval(task, preds, refs)}
+    assert result["per_task"][task] != pytest.approx(100 * np.mean([ruler_metric.score_task(task, p, r) / 100 for p, r in zip(preds, refs)]), abs=1e-9)
+    assert result["per_task_nulls"] == {task: sum(not p.strip() for p in preds)}
