@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 import random
@@ -43,6 +44,16 @@ def seen(tokenizer, row, reserve: bool = True) -> int:
     from kvbench.generation import prompt_tokens
 
     return prompt_tokens(tokenizer, row.context, [row.question], row.answer_prefix) + (row.max_new_tokens if reserve else 0)
+
+
+def unshuffle(items: list, seed: int = 42) -> list:
+    """The list before RULER's ``random.Random(seed).shuffle`` (42: the generated fixture's and RULER's seed)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)  # shuffled[j] == original[order[j]]
+    original = [None] * len(items)
+    for j, source in enumerate(order):
+        original[source] = items[j]
+    return original
 
 
 def kind_of(task: str) -> str:
@@ -194,6 +205,14 @@ def test_niah_needles_answer_the_question(generated, task):
                 assert len(needles) == max(spec["num_k"], spec["num_q"]) * spec["num_v"]
 
 
+def test_niah_needles_are_in_rulers_fixed_order(generated):
+    """niah.py shuffles the needles with random.Random(random_seed): the same permutation in every sample."""
+    for length in LENGTHS:
+        for row in rows(generated, "niah_multivalue", length):
+            values = [value for _, _, value in NEEDLE_RE.findall(row.context)]
+            assert unshuffle(values) == row.answers  # the key's values in the order they were drawn
+
+
 def test_noise_haystack_is_rulers_whole_line_repeated(generated):
     """niah_single_1: every haystack line is the whole five-sentence noise line; the needle is a line of its own."""
     for length in LENGTHS:
@@ -256,7 +275,8 @@ def test_essay_needles_sit_between_sentences_at_rulers_depths(generated, task):
             used = []
             for match in matches:
                 before = " ".join(NEEDLE_RE.sub(" ", body[: match.start()]).split())
-                assert not before or before[-1] in ".!?\"')]", before[-30:]
+                # depth 100 follows the last sentence, which the word budget may have cut short (as in RULER)
+                assert not before or before[-1] in ".!?\"')]" or sentences(before) == total, before[-30:]
                 depths = [d for d in ruler_tasks.ESSAY_DEPTHS if int(total * d / 100) == sentences(before)]
                 assert depths, (sentences(before), total)
                 used.append(sentences(before))
@@ -323,6 +343,12 @@ def test_cwe_example_answer_is_a_numbered_list_and_frequencies_are_rulers(genera
         assert len(row.answers) == 10 and {counts[a] for a in row.answers} == {freq_cw}
         rest = [c for w, c in counts.items() if w not in row.answers]
         assert set(rest) == {freq_ucw} and len(rest) >= 10
+        # RULER's lists before its fixed shuffle: common words `freq` times over, then the rest
+        drawn = unshuffle(entries(main.removesuffix("\n")))
+        rare = drawn[10 * freq_cw :][: len(rest)]
+        assert drawn == row.answers * freq_cw + rare * freq_ucw
+        shown_words, example_drawn = entries(shown), unshuffle(entries(listing))
+        assert example_drawn == shown_words * example_cw + example_drawn[10 * example_cw :][: example_size - 10] * example_ucw
 
 
 def test_fwe_filler_six_letter_words_and_rulers_zipf_counts(generated):
@@ -337,6 +363,10 @@ def test_fwe_filler_six_letter_words_and_rulers_zipf_counts(generated):
             assert all(re.fullmatch(r"[a-z]{6}", w) for w in counts if w != "...")
             assert len(counts) <= (length - 50) // 50  # RULER's vocabulary: (max_seq_length - tokens_to_generate) // 50
             assert [w for w, _ in ranked[1:4]] == row.answers
+            # before RULER's fixed shuffle the text is each word's run in rank order
+            runs = [(w, len(list(run))) for w, run in itertools.groupby(unshuffle(words))]
+            assert len(runs) == len(counts) and [c for _, c in runs] == sorted(counts.values(), reverse=True)
+            assert [w for w, _ in runs[:4]] == ["...", *row.answers]
             observed = [c for _, c in ranked]
             # the counts are RULER's fixed int(n * k**-2 / zeta(2)) for one n, not a random draw
             zeta2 = math.pi**2 / 6
@@ -376,6 +406,11 @@ def test_qa_distractors_come_from_the_gold_article_first(generated, corpus_index
                 assert not foreign
             assert row.answers == list(item.answers) and row.answer_prefix == " Answer:"
             assert all(a in row.context for a in row.answers if a not in ("yes", "no"))
+            # RULER's list before its fixed shuffle: the question's own documents (HotpotQA: in the record's
+            # order), then its article's others, then random ones; so the gold lands where RULER puts it
+            drawn = unshuffle(docs)
+            own = [d for d in item.own if d in docs]
+            assert drawn[: len(own)] == own and set(drawn[len(own) : len(own) + len(near - set(own))]) == near - set(own)
 
 
 def test_squad_near_documents_are_the_articles_other_paragraphs():

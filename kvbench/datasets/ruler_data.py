@@ -55,6 +55,9 @@ class QAItem:
     # Distractors RULER takes before any random paragraph: the other paragraphs of the gold paragraph's SQuAD
     # article, or the question's own non-supporting HotpotQA paragraphs.
     near: tuple[int, ...] = ()
+    # The head of RULER's document list before its fixed shuffle (qa.py's `context`): the gold paragraph, or all
+    # of a HotpotQA record's paragraphs in the record's order; where the gold lands depends on this order.
+    own: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def squad() -> QACorpus:
             for qa in paragraph["qas"]:
                 answers = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))
                 if answers:  # SQuAD v2 also holds unanswerable questions, which RULER leaves out
-                    items.append(QAItem(qa["question"], answers, (position,), near))
+                    items.append(QAItem(qa["question"], answers, (position,), near, (position,)))
     return QACorpus(tuple(documents), tuple(items))
 
 
@@ -86,12 +89,13 @@ def hotpotqa() -> QACorpus:
     items: list[QAItem] = []
     for record in _read_json("hotpotqa.json"):
         supporting = {title for title, _ in record["supporting_facts"]}
-        gold, near = [], []
+        gold, near, own = [], [], []
         for title, sentences in record["context"]:
             document = f"{title}\n{''.join(sentences)}"
             position = index.setdefault(document, len(index))
             (gold if title in supporting else near).append(position)
-        items.append(QAItem(record["question"], (record["answer"],), tuple(gold), tuple(near)))
+            own.append(position)
+        items.append(QAItem(record["question"], (record["answer"],), tuple(gold), tuple(near), tuple(own)))
     return QACorpus(tuple(index), tuple(items))
 
 

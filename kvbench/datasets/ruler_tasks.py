@@ -8,6 +8,14 @@ Everything that depends on ``n`` is either a prefix-stable stream or reseeded fr
 grows (almost) monotonically with ``n``, which the search needs, and the sample drawn at the fitted size has
 RULER's distribution.
 
+RULER shuffles needles, word lists and qa documents with a generator reseeded from its global seed
+(``random.Random(random_seed).shuffle``), so every list of one length gets the same permutation in every
+sample; :func:`ruler_shuffle` does the same with ``dataset.seed`` (RULER's default is 42 too). For qa this
+decides where the answer is: RULER's list starts with the gold document, and with seed 42 that permutation
+puts it among the last three documents, next to the question, whenever there are at most 32 (4096 tokens hold
+about 20-30), so a per-sample shuffle would make qa harder than RULER's, most of all for presses that keep the
+most recent tokens.
+
 Deliberate differences from RULER's scripts, each for a reason:
 
 - RULER fits the haystack size once per task and backs off in coarse steps when a sample is too long; here
@@ -16,8 +24,6 @@ Deliberate differences from RULER's scripts, each for a reason:
   the seed, so ``dataset.seed`` varies every task and a sample never depends on how many are drawn.
 - RULER splits essays into sentences with nltk's punkt model, which needs a download; a regular expression
   that splits after ``.``, ``!`` or ``?`` (and a closing quote or bracket) stands in for it offline.
-- RULER shuffles needles and list entries with a generator reseeded from its global seed, i.e. the same
-  permutation for every sample; here each sample shuffles with its own generator.
 - Keys and values of distractor needles never repeat the real ones, and vt chains get distinct values, so
   every reference answer stays unique.
 """
@@ -258,18 +264,23 @@ def random_item(kind: str, rng: random.Random) -> str:
     return f"{rng.choice(lists['adjective'])}-{rng.choice(lists['noun'])}"
 
 
+def ruler_shuffle(items: list, seed: int) -> None:
+    """RULER's ``random.Random(random_seed).shuffle``: a fresh generator each call, so the permutation depends on the length only."""
+    random.Random(seed).shuffle(items)
+
+
 def join_keys(keys: list[str]) -> str:
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + ", and " + keys[-1]
 
 
-def niah(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+def niah(spec: dict, rng: random.Random, target: Target, task: str, seed: int) -> Prompt:
     """Needles "One of the special magic ... for KEY is: VALUE." hidden in an essay, noise or needle haystack."""
     kind, num_k = spec["value"], max(spec["num_k"], spec["num_q"])
     taken: set[str] = set()
     keys = distinct(lambda: random_item(spec["key"], rng), num_k, taken)
     values = [distinct(lambda: random_item(kind, rng), spec["num_v"], taken) for _ in keys]
     needles = [NEEDLE.format(kind=kind, key=key, value=value) for key, vals in zip(keys, values) for value in vals]
-    rng.shuffle(needles)
+    ruler_shuffle(needles, seed)
     queried = rng.sample(range(num_k), spec["num_q"])
     answers = [value for i in queried for value in values[i]]
     one = spec["num_v"] * spec["num_q"] == 1
@@ -323,7 +334,7 @@ def vt_builder(rng: random.Random, spec: dict, name_length: int, answer_text: st
     return build
 
 
-def vt(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+def vt(spec: dict, rng: random.Random, target: Target, task: str, seed: int) -> Prompt:
     """Variable tracking after RULER's one-shot example: a solved vt prompt of its own, fitted to 500 tokens."""
     example = vt_builder(rng, spec, name_length=3)
     solved = example(fit(example, Target(VT_EXAMPLE_TOKENS, VT_EXAMPLE_TOKENS, target.count), f"{task} example"))
@@ -336,7 +347,7 @@ def numbered(words: list[str]) -> str:
     return " ".join(f"{i}. {word}" for i, word in enumerate(words, 1))
 
 
-def cwe(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+def cwe(spec: dict, rng: random.Random, target: Target, task: str, seed: int) -> Prompt:
     """A shuffled numbered word list where ``num_cw`` words repeat more often than the rest, after one example."""
     num = spec["num_cw"]
     lists = ruler_data.word_lists()
@@ -348,15 +359,14 @@ def cwe(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
     question, prefix = CWE_QUESTION.format(num=num), CWE_PREFIX.format(num=num)
     example = rng.sample(vocabulary, example_size)
     example_words = example[:num] * example_cw + example[num:] * example_ucw
-    rng.shuffle(example_words)
+    ruler_shuffle(example_words, seed)
     shown = CWE_INTRO + numbered(example_words) + "\n" + question + prefix + " " + numbered(example[:num]) + "\n"
     pool = rng.sample(vocabulary, len(vocabulary))  # RULER samples the list's words independently of the example's
     common, rare = pool[:num], pool[num:]
-    shuffle_seed = rng.getrandbits(64)
 
     def build(n: int) -> Prompt:
         words = common * freq_cw + rare[:n] * freq_ucw
-        random.Random(f"{shuffle_seed}:{n}").shuffle(words)
+        ruler_shuffle(words, seed)
         return Prompt(shown + CWE_INTRO + numbered(words) + "\n", question, prefix, list(common))
 
     n = fit(build, target, task, limit=len(rare))
@@ -375,7 +385,7 @@ def zeta(s: float) -> float:
     return head + n ** (1 - s) / (s - 1) + n**-s / 2 + s * n ** (-s - 1) / 12 - s * (s + 1) * (s + 2) * n ** (-s - 3) / 720
 
 
-def fwe(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+def fwe(spec: dict, rng: random.Random, target: Target, task: str, seed: int) -> Prompt:
     """Coded words with RULER's fixed Zipf counts ``int(n * k**-alpha / zeta(alpha))``; rank 1 is the '...' filler."""
     alpha = float(spec["alpha"])
     size = (target.length - MAX_NEW_TOKENS["fwe"]) // FWE_TOKENS_PER_WORD
@@ -384,17 +394,17 @@ def fwe(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
             f"{task} needs a vocabulary of at least 5 coded words ((context_length - {MAX_NEW_TOKENS['fwe']}) // "
             f"{FWE_TOKENS_PER_WORD}) and alpha > 1; raise dataset.context_length"
         )
-    vocabulary = distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=FWE_WORD_LENGTH)), size)
+    vocabulary = sorted(distinct(lambda: "".join(rng.choices(string.ascii_lowercase, k=FWE_WORD_LENGTH)), size))
+    ruler_shuffle(vocabulary, seed)  # RULER ranks its sorted vocabulary in this fixed order
     vocabulary[0] = FWE_NOISE
     shares = [k**-alpha / zeta(alpha) for k in range(1, size + 1)]
-    shuffle_seed = rng.getrandbits(64)
 
     def counts(n: int) -> list[int]:
         return [int(n * share) for share in shares]
 
     def build(n: int) -> Prompt:
         words = [word for word, times in zip(vocabulary, counts(n)) for _ in range(times)]
-        random.Random(f"{shuffle_seed}:{n}").shuffle(words)
+        ruler_shuffle(words, seed)
         return Prompt(FWE_INTRO + " ".join(words) + "\n", FWE_QUESTION, FWE_PREFIX, vocabulary[1:4])
 
     n = fit(build, target, task)
@@ -404,7 +414,7 @@ def fwe(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
     return build(n)
 
 
-def qa(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
+def qa(spec: dict, rng: random.Random, target: Target, task: str, seed: int) -> Prompt:
     """Gold paragraph(s), then distractors from the same article (RULER's order), then random ones, packed tight."""
     corpus = ruler_data.squad() if spec["dataset"] == "squad" else ruler_data.hotpotqa()
     budget, count = target.budget, target.count
@@ -469,12 +479,20 @@ def qa(spec: dict, rng: random.Random, target: Target, task: str) -> Prompt:
         chosen.discard(fillers[slot])
         chosen.add(new)
         fillers[slot] = new
-    order = sorted(chosen)
-    rng.shuffle(order)
-    prompt = build(order)
+    near = set(item.near)
+
+    def arrange() -> list[int]:
+        """RULER's list (the question's own documents, its article's others, random ones), RULER-shuffled."""
+        own = [d for d in item.own if d in chosen]
+        article = [d for d in (item.near if near <= chosen else fillers) if d in near and d in chosen and d not in own]
+        order = own + article + [d for d in fillers if d not in near and d not in own]
+        ruler_shuffle(order, seed)
+        return order
+
+    prompt = build(arrange())
     while count(prompt.text) > budget and fillers:  # a merge at a join the estimate missed: drop a filler
         chosen.discard(fillers.pop())
-        prompt = build([d for d in order if d in chosen])
+        prompt = build(arrange())
     return prompt
 
 
@@ -482,7 +500,10 @@ GENERATORS: dict[str, Callable[..., Prompt]] = {"niah": niah, "vt": vt, "cwe": c
 
 
 def generate(task: str, seed: int, index: int, target: Target) -> Prompt:
-    """One sample; its generator is seeded from (seed, task, index), so samples never depend on each other."""
+    """One sample; its generator is seeded from (seed, task, index), so samples never depend on each other.
+
+    ``seed`` alone also seeds RULER's fixed shuffles (:func:`ruler_shuffle`), shared by every sample.
+    """
     rng = random.Random(f"{seed}:{task}:{index}")
     spec = SPECS[task]
-    return GENERATORS[spec["kind"]](spec, rng, target, task)
+    return GENERATORS[spec["kind"]](spec, rng, target, task, seed)
