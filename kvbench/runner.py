@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from kvbench import generation
 from kvbench.compression import LAYOUTS
-from kvbench.datasets import data_inputs, dataset_kind, dataset_module, higher_is_better, load_dataset
+from kvbench.datasets import check_config, data_inputs, dataset_kind, dataset_module, higher_is_better, load_dataset
 from kvbench.device import device_model
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
@@ -162,6 +162,7 @@ def validate(cfg: DictConfig) -> None:
     if batch_size > 1 and layout != "packed":
         raise KVBenchError("batch_size > 1 needs cache_layout=packed (each context keeps its own length); use batch_size=1 "
                            "to compare with the masked layout")
+    check_config(cfg.dataset.name, cfg.dataset)
     press = build_press(cfg.press.name, **press_params(cfg))
     if getattr(press, "needs_attention_weights", False) and cfg.model.get("attn_implementation", "sdpa") != "eager":
         raise KVBenchError(f"press '{cfg.press.name}' needs the attention weights, which only eager attention returns; "

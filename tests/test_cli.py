@@ -68,6 +68,9 @@ def complete_dirs(out: Path) -> list[Path]:
         (["press=critical_snapkv", "press.first_stage_ratio=1.5"], "press parameter first_stage_ratio must be a number in [0, 1], got 1.5"),
         (["max_context_length=112", "decode_timing_tokens=32"],  # the window (96 + 16) fits, the decoding does not
          "decode_timing_tokens=32 after a 96-token context passes max_context_length=112"),
+        # dataset values are the dataset's own check, made before the model (here: one that does not exist) is read
+        (["dataset.eval_length=0", "model.name_or_path=/does/not/exist"], "dataset.eval_length must be a positive integer, got 0"),
+        (["dataset.path=/does/not/exist", "model.name_or_path=/does/not/exist"], "dataset.path=/does/not/exist is not a directory"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, expected):
@@ -107,6 +110,19 @@ def test_an_over_long_length_under_test_is_refused_in_one_line_and_nothing_is_wr
     # .partial checkpoint, no staging directory.
     assert not out.exists() or {p.name for p in out.iterdir()} <= {".hydra", ".locks"}
     assert not out.exists() or all(p.stat().st_size == 0 for p in (out / ".locks").glob("*"))
+
+
+@pytest.mark.parametrize("grid, expected", [
+    ("dataset.context_lengths='256'", "dataset.context_lengths must be a list of numbers, e.g. dataset.context_lengths=[1024,2048]; got '256'"),
+    ("dataset.depths=[50,abc]", "dataset.depths must hold numbers, e.g. dataset.depths=[0,50,100]; ['abc'] are not"),
+    ("dataset.answers=[]", "dataset.answers must list non-empty key phrases copied from dataset.needle"),
+])
+def test_a_malformed_needle_grid_is_refused_before_the_model_is_read(tmp_path, grid, expected):
+    out = tmp_path / "results"
+    result = kvbench("dataset=needle", grid, "model.name_or_path=/does/not/exist", f"output_dir={out}", env={"HF_HUB_OFFLINE": "1"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and complete_dirs(out) == []
 
 
 def test_one_scored_token_per_window_works(tmp_path, books):

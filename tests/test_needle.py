@@ -43,7 +43,7 @@ def test_grid_columns_and_lengths(essays_grid, tokenizer):
     for row in df.itertuples():
         measured = len(tokenizer(row.context, add_special_tokens=False)["input_ids"])
         assert abs(measured - row.context_length) <= 0.05 * row.context_length
-        assert measured == row.context_tokens
+        assert measured == row.cell_tokens
 
 
 def test_needle_position(essays_grid, tokenizer):
@@ -52,7 +52,7 @@ def test_needle_position(essays_grid, tokenizer):
         assert row.context.count(needle.DEFAULT_NEEDLE) == 1
         assert row.context.index(needle.DEFAULT_NEEDLE) == row.needle_char_index
         before = len(tokenizer(row.context[: row.needle_char_index], add_special_tokens=False)["input_ids"])
-        haystack_tokens = row.context_tokens - needle_tokens
+        haystack_tokens = row.cell_tokens - needle_tokens
         assert before / haystack_tokens == pytest.approx(row.depth / 100, abs=0.06)
         if row.depth == 0:
             assert row.context.startswith(needle.DEFAULT_NEEDLE)
@@ -115,6 +115,36 @@ def test_bad_config(tokenizer):
         needle.load({"context_lengths": [256], "depths": [150]}, tokenizer)
     with pytest.raises(KVBenchError, match="unknown dataset.haystack"):
         needle.load({"context_lengths": [256], "depths": [50], "haystack": "novels"}, tokenizer)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"context_lengths": "256"}, r"must be a list of numbers, e\.g\. dataset\.context_lengths=\[1024,2048\]; got '256'"),
+    ({"context_lengths": ["abc"]}, r"must hold whole token counts.*\['abc'\] are not"),
+    ({"context_lengths": [256.7]}, r"must hold whole token counts.*\[256\.7\] are not"),
+    ({"context_lengths": [256, 256]}, "lists 256 more than once"),
+    ({"context_lengths": []}, "dataset.context_lengths is empty"),
+    ({"context_lengths": [0]}, "positive token counts"),
+    ({"depths": ["x"]}, r"dataset\.depths must hold numbers"),
+    ({"depths": [50, 50.0]}, "lists 50 more than once"),
+    ({"answers": []}, "non-empty key phrases"),
+    ({"answers": ["sandwich", " "]}, "non-empty key phrases"),
+    ({"max_new_tokens": "32"}, "max_new_tokens must be a positive integer"),
+])
+def test_malformed_grid_or_answers_is_one_clear_error_before_any_tokenizer(override, message):
+    """Checked by needle.check, which the runner calls before the model or tokenizer loads."""
+    cfg = {"context_lengths": [256], "depths": [50], **override}
+    with pytest.raises(KVBenchError, match=message):
+        needle.check(cfg)
+    with pytest.raises(KVBenchError, match=message):
+        needle.load(cfg, WordTokenizer())
+
+
+def test_one_answer_string_is_one_key_phrase_not_its_letters(tokenizer):
+    """`dataset.answers="Dolores Park"` from the command line is a string: it must score the phrase, not each letter."""
+    row = needle.load({"context_lengths": [256], "depths": [50], "answers": "Dolores Park"}, tokenizer).iloc[0]
+    assert row.answers == ["Dolores Park"]
+    frame = pd.DataFrame([{"context_length": 256, "depth": 50, "answers": row.answers, "prediction": "I went to the park."}])
+    assert needle_metric.compute(frame)["score"] == 0.0
 
 
 # ---- metric ------------------------------------------------------------------------------------------

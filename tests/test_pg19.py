@@ -39,7 +39,19 @@ def test_local_source_errors(tmp_path):
         pg19.books({"source": "gutenberg"})
 
 
-@pytest.mark.parametrize("hub_id", [None, "deepmind/pg19"])
+def test_a_script_dataset_on_the_hub_names_the_parquet_copy(monkeypatch):
+    """deepmind/pg19 is a loading script; datasets >= 4 raises on it, and the error says which id to use instead."""
+    import datasets
+
+    def script_dataset(name, split, streaming, revision):
+        raise RuntimeError("Dataset scripts are no longer supported, but found pg19.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", script_dataset)
+    with pytest.raises(KVBenchError, match=r"'deepmind/pg19' is a loading script, .* use dataset.hub_id=emozilla/pg19-test"):
+        pg19.books({"source": "hub", "hub_id": "deepmind/pg19", "revision": "f" * 40})
+
+
+@pytest.mark.parametrize("hub_id", [None, "someone/pg19-copy"])
 def test_hub_source_with_stand_in(monkeypatch, hub_id):
     import datasets
 
@@ -203,7 +215,7 @@ def test_default_run_scores_at_least_16k_tokens_spread_over_each_novel():
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "dataset" / "pg19.yaml")
     df = pg19.load(cfg, load_tokenizer("smollm2-135m"))
-    assert len(df) * cfg.eval_length >= 16_384
+    assert len(df) * cfg.eval_length == 16_896  # the README's figure: 6 novels x 22 windows x 128 tokens (16k at least)
     for _, book in df.groupby("id"):
         position = (book["start"] + cfg.context_length) / book["book_tokens"]  # where the scored tokens sit
         assert position.min() < 0.1 and position.max() > 0.9

@@ -10,7 +10,8 @@ is a generation benchmark scored higher-is-better. Generation benchmarks return 
 benchmarks return one row per scored window: ``sample_id, input_ids, context_tokens`` (+ extras such as where the
 window lies in its book). The tokenizer is only used to measure or cut text in tokens. A module that reads
 more than its config names (local files, a data package) says what with ``data_inputs(cfg)``: digests and
-versions that enter the run's identity, so a result is not reused over other data.
+versions that enter the run's identity, so a result is not reused over other data. A module may declare
+``check(cfg)``: the config errors it can find without a tokenizer, raised before the model loads.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def data_inputs(name: str, cfg) -> dict:
     """What the dataset reads besides its config (``data_inputs`` of its module; none declared: nothing)."""
     declared = getattr(dataset_module(name), "data_inputs", None)
     return dict(declared(cfg)) if declared is not None else {}
+
+
+def check_config(name: str, cfg) -> None:
+    """The dataset's own config checks (``check`` of its module), run before anything loads."""
+    declared = getattr(dataset_module(name), "check", None)
+    if declared is not None:
+        declared(cfg)
 
 
 def dataset_kind(name: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -169,13 +169,85 @@ def build_context(tokenizer: Any, source: str, needle: str, length: int, depth: 
     return context, index, measured
 
 
-def _numbers(cfg: Mapping[str, Any], key: str, default: Sequence[float]) -> list:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _grid_axis(cfg: Mapping[str, Any], key: str, default: Sequence[float], whole: bool) -> list:
+    """A grid axis as configured: null is the default, one number is a one-cell axis; no text, no repeats.
+
+    A string is refused rather than iterated: ``"256"`` would otherwise become the lengths 2, 5 and 6.
+    """
     values = cfg.get(key, None)
     if values is None:
         return list(default)
-    if isinstance(values, (int, float)):
+    example = "[1024,2048]" if whole else "[0,50,100]"
+    if _is_number(values):
         values = [values]
-    return list(values)
+    elif isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise KVBenchError(f"dataset.{key} must be a list of numbers, e.g. dataset.{key}={example}; got {values!r}")
+    values = list(values)
+    if not values:
+        raise KVBenchError(f"dataset.{key} is empty; give at least one value, e.g. dataset.{key}={example}")
+    kind = "whole token counts" if whole else "numbers"
+    bad = [v for v in values if not _is_number(v) or (whole and float(v) != int(v))]
+    if bad:
+        raise KVBenchError(f"dataset.{key} must hold {kind}, e.g. dataset.{key}={example}; {bad!r} are not")
+    values = [int(v) if whole else float(v) for v in values]
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise KVBenchError(f"dataset.{key} lists {', '.join(_label(v) for v in repeated)} more than once; each cell is one sample")
+    return values
+
+
+def _answers(cfg: Mapping[str, Any], needle: str) -> list[str]:
+    """The key phrases scored in an answer; one string is one phrase (never its letters)."""
+    answers = cfg.get("answers", None)
+    if answers is None:
+        return list(DEFAULT_ANSWERS)
+    if isinstance(answers, str):
+        answers = [answers]
+    elif isinstance(answers, Mapping) or not isinstance(answers, Iterable):
+        raise KVBenchError(f"dataset.answers must be a list of key phrases of the needle, got {answers!r}")
+    answers = [str(a).strip() for a in answers]
+    if not answers or not all(answers):
+        raise KVBenchError("dataset.answers must list non-empty key phrases copied from dataset.needle (null = the defaults)")
+    missing = [a for a in answers if a.lower() not in needle.lower()]
+    if missing:
+        raise KVBenchError(f"dataset.answers {missing} do not occur in the needle; list key phrases copied from dataset.needle")
+    return answers
+
+
+def _max_new_tokens(cfg: Mapping[str, Any]) -> int:
+    value = cfg.get("max_new_tokens", 32)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KVBenchError(f"dataset.max_new_tokens must be a positive integer, got {value!r}")
+    return value
+
+
+def _grid(cfg: Mapping[str, Any]) -> tuple[list[int], list[float]]:
+    lengths = _grid_axis(cfg, "context_lengths", DEFAULT_LENGTHS, whole=True)
+    depths = _grid_axis(cfg, "depths", DEFAULT_DEPTHS, whole=False)
+    bad_lengths = [v for v in lengths if v < 1]
+    if bad_lengths:
+        raise KVBenchError(f"dataset.context_lengths must be positive token counts, got {bad_lengths}")
+    bad_depths = [d for d in depths if not 0 <= d <= 100]
+    if bad_depths:
+        raise KVBenchError(f"dataset.depths must be percentages in [0, 100], got {bad_depths}")
+    return lengths, depths
+
+
+def _texts(cfg: Mapping[str, Any]) -> tuple[str, str]:
+    return (str(cfg.get("needle", None) or DEFAULT_NEEDLE).strip(), str(cfg.get("question", None) or DEFAULT_QUESTION).strip())
+
+
+def check(cfg: Mapping[str, Any]) -> None:
+    """The grid, the answers and the budget, checked before the model (or the tokenizer) loads."""
+    _grid(cfg)
+    _answers(cfg, _texts(cfg)[0])
+    _max_new_tokens(cfg)
+    if str(cfg.get("haystack", "essays") or "essays") not in HAYSTACKS:
+        raise KVBenchError(f"unknown dataset.haystack '{cfg.get('haystack')}'; use one of {', '.join(HAYSTACKS)}")
 
 
 def _label(value: float) -> str:
@@ -186,23 +258,13 @@ def load(cfg: Mapping[str, Any], tokenizer: Any) -> pd.DataFrame:
     """One row per (context length, depth) cell."""
     if tokenizer is None:
         raise KVBenchError("the needle dataset measures context lengths in tokens and needs the model's tokenizer")
-    lengths = [int(v) for v in _numbers(cfg, "context_lengths", DEFAULT_LENGTHS)]
-    depths = [float(v) for v in _numbers(cfg, "depths", DEFAULT_DEPTHS)]
-    bad_depths = [d for d in depths if not 0 <= d <= 100]
-    if bad_depths:
-        raise KVBenchError(f"dataset.depths must be percentages in [0, 100], got {bad_depths}")
-    if not lengths or not depths:
-        raise KVBenchError("dataset.context_lengths and dataset.depths must both be non-empty lists")
-    needle = str(cfg.get("needle", None) or DEFAULT_NEEDLE).strip()
-    question = str(cfg.get("question", None) or DEFAULT_QUESTION).strip()
-    answers = [str(a) for a in (cfg.get("answers", None) or DEFAULT_ANSWERS)]
-    missing = [a for a in answers if a.lower() not in needle.lower()]
-    if missing:
-        raise KVBenchError(f"dataset.answers {missing} do not occur in the needle; list key phrases copied from dataset.needle")
+    lengths, depths = _grid(cfg)
+    needle, question = _texts(cfg)
+    answers = _answers(cfg, needle)
     haystack = str(cfg.get("haystack", "essays") or "essays")
     source = haystack_source(haystack)
     answer_prefix = str(cfg.get("answer_prefix", "Answer:") or "")
-    max_new_tokens = int(cfg.get("max_new_tokens", 32))
+    max_new_tokens = _max_new_tokens(cfg)
     rows = []
     for length in lengths:
         for depth in depths:
@@ -219,7 +281,7 @@ def load(cfg: Mapping[str, Any], tokenizer: Any) -> pd.DataFrame:
                     "sample_id": f"needle/{length}/{_label(depth)}",
                     "context_length": length,
                     "depth": depth_value,
-                    "context_tokens": measured,
+                    "cell_tokens": measured,  # haystack + needle (the runner's context_tokens adds the template)
                     "needle_char_index": index,
                     "needle": needle,
                     "haystack": haystack,

@@ -38,12 +38,7 @@ def _slug(title: str) -> str:
 
 
 def _limit(cfg: Mapping[str, Any]) -> int | None:
-    value = cfg.get("num_books", None)
-    if value is None:
-        return None
-    if int(value) < 1:
-        raise KVBenchError(f"dataset.num_books must be a positive integer or null, got {value}")
-    return int(value)
+    return _positive(cfg, "num_books", None)
 
 
 def _austen_books() -> list[tuple[str, str]]:
@@ -65,6 +60,10 @@ def data_inputs(cfg: Mapping[str, Any]) -> dict[str, str | None]:
 
 
 def _local_books(path: Any) -> list[tuple[str, str]]:
+    return [(file.stem, file.read_text(encoding="utf-8", errors="replace")) for file in _book_files(path)]
+
+
+def _book_files(path: Any) -> list[Path]:
     if path is None:
         raise KVBenchError("dataset.source=local needs dataset.path=<folder of .txt books>")
     folder = Path(str(path)).expanduser()
@@ -73,11 +72,11 @@ def _local_books(path: Any) -> list[tuple[str, str]]:
     files = sorted(folder.glob("*.txt"))
     if not files:
         raise KVBenchError(f"no .txt files in {folder}; put one book per .txt file there")
-    return [(file.stem, file.read_text(encoding="utf-8", errors="replace")) for file in files]
+    return files
 
 
 def _hub_books(hub_id: str, split: str, limit: int | None, revision: str | None) -> list[tuple[str, str]]:
-    """Stream the split so that ``deepmind/pg19`` does not pull its 11 GB train split to read 100 test books."""
+    """Stream the split: a hub copy of all of PG-19 would otherwise pull its 11 GB train split to read 100 test books."""
     import datasets
 
     try:
@@ -95,6 +94,9 @@ def _hub_books(hub_id: str, split: str, limit: int | None, revision: str | None)
                 book_id = f"{book_id}_{seen[book_id]}"
             books.append((book_id, str(record["text"])))
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, missing column: all need the same advice
+        if "scripts are no longer supported" in str(exc):
+            raise KVBenchError(f"the hub dataset '{hub_id}' is a loading script, which datasets {datasets.__version__} no longer "
+                               f"runs; use dataset.hub_id={DEFAULT_HUB_ID} (PG-19's test books as parquet)") from exc
         raise KVBenchError(
             f"could not read PG-19 books from the hub '{hub_id}' split '{split}' ({type(exc).__name__}: {str(exc)[:120]}); "
             f"use the offline default dataset.source=austen, or dataset.source=local dataset.path=<folder of .txt books>"
@@ -132,11 +134,23 @@ def _positive(cfg: Mapping[str, Any], key: str, default: int | None) -> int | No
     return value
 
 
+def check(cfg: Mapping[str, Any]) -> None:
+    """Window sizes, book count and source, checked before the model loads."""
+    for key, default in (("context_length", 1024), ("eval_length", 128), ("max_windows_per_book", None)):
+        _positive(cfg, key, default)
+    _limit(cfg)
+    source = str(cfg.get("source", "austen") or "austen")
+    if source not in SOURCES:
+        raise KVBenchError(f"unknown dataset.source '{source}'; use one of {', '.join(SOURCES)}")
+    if source == "local":
+        _book_files(cfg.get("path", None))
+
+
 def window_starts(num_tokens: int, window: int, count: int | None) -> list[int]:
     """Starts of ``count`` non-overlapping windows spread evenly over ``num_tokens`` tokens.
 
     The book is split into equal segments, one per window, and each window is centred in its segment:
-    deterministic, no overlap, and the first and last windows sit half a segment in from the ends.
+    deterministic, no overlap, and the first and last windows' centres sit half a segment in from the ends.
     ``count=None`` or a book too short for ``count`` windows gives as many as fit.
     """
     fit = num_tokens // window
