@@ -62,6 +62,17 @@ def test_needle_position(essays_grid, tokenizer):
             assert row.context[: row.needle_char_index].rstrip()[-1] in ".!?\"')]\u2019\u201d"
 
 
+def test_depth_counts_tokens_when_the_tokenizer_reports_them():
+    """kvpress and gkamradt put the needle at token int(n * depth / 100): a sentence of many short tokens
+    weighs more than its characters."""
+    hay = "One two three. Four five six. Seven eight nine. Ten."
+    starts = list(range(14)) + [15, 20, 25, 30, 35, 40, 45, 48]  # the first sentence is 14 of the 22 tokens
+    by_tokens, _ = needle.insert_needle(hay, "NEEDLE.", 50, starts)  # token 11 lies in the first sentence
+    by_chars, _ = needle.insert_needle(hay, "NEEDLE.", 50)  # character 26 lies in the second
+    assert by_tokens == "One two three. NEEDLE. Four five six. Seven eight nine. Ten."
+    assert by_chars == "One two three. Four five six. NEEDLE. Seven eight nine. Ten."
+
+
 def test_insert_needle_picks_nearest_sentence_boundary():
     hay = "One two three. Four five six. Seven eight nine. Ten."
     context, index = needle.insert_needle(hay, "NEEDLE.", 50)

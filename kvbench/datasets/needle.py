@@ -134,13 +134,18 @@ def _prefix_by_search(tokenizer: Any, text: str, num_tokens: int) -> str:
     return text[:low]
 
 
-def insert_needle(haystack: str, needle: str, depth: float) -> tuple[str, int]:
+def insert_needle(haystack: str, needle: str, depth: float, token_starts: Sequence[int] | None = None) -> tuple[str, int]:
     """Insert ``needle`` at the sentence boundary closest to ``depth`` percent of the haystack.
 
-    Returns the context and the character index where the needle starts. Depth 0 puts the needle first and
-    100 last, whatever the sentence structure, so the two extreme columns of the grid are exact.
+    With ``token_starts`` (where each haystack token starts) the percentage counts tokens, as the needle tests
+    of kvpress and of gkamradt place it (token ``int(n * depth / 100)``); without, it counts characters. Returns
+    the context and the character index where the needle starts. Depth 0 puts the needle first and 100 last,
+    whatever the sentence structure, so the two extreme columns of the grid are exact.
     """
-    target = len(haystack) * depth / 100.0
+    if token_starts:
+        target = float(token_starts[min(int(len(token_starts) * depth / 100.0), len(token_starts) - 1)])
+    else:
+        target = len(haystack) * depth / 100.0
     boundaries = [0] + [match.end() for match in _SENTENCE_END.finditer(haystack)] + [len(haystack)]
     position = min(boundaries, key=lambda boundary: abs(boundary - target))
     if depth <= 0 or position == 0:
@@ -161,7 +166,8 @@ def build_context(tokenizer: Any, source: str, needle: str, length: int, depth: 
     if budget < 1:
         raise KVBenchError(f"context length {length} is too short to hold the needle; use dataset.context_lengths above {length}")
     for _ in range(2):
-        context, index = insert_needle(token_prefix(tokenizer, source, budget), needle, depth)
+        haystack = token_prefix(tokenizer, source, budget)
+        context, index = insert_needle(haystack, needle, depth, _token_starts(tokenizer, haystack))
         measured = count_tokens(tokenizer, context)
         if measured == length:
             break
