@@ -148,6 +148,23 @@ def test_jobs_group_by_everything_but_press_and_ratio():
 # -- sweeps on the packaged model -----------------------------------------------------------------------------
 
 @pytest.mark.integration
+def test_pg19_baseline_figures_are_those_of_a_job_by_job_sweep(tmp_path):
+    """With no_press in the sweep, each compressed run's no_press_perplexity, delta and ratio are the solo sweep's."""
+    sweep = [*PG19, "dataset.context_length=128", "press=no_press,knorm,snapkv", "compression_ratio=0.5"]
+    kvbench_sweep(tmp_path / "solo", BASIC, *sweep)
+    kvbench_sweep(tmp_path / "shared", SHARED, *sweep)
+    assert_same_results(tmp_path / "solo", tmp_path / "shared")
+    compressed = [name for name in runs(tmp_path / "solo") if "__no_press__" not in name]
+    assert len(compressed) == 2
+    baseline = metrics(next(run for name, run in runs(tmp_path / "solo").items() if "__no_press__" in name))["score"]
+    for name in compressed:
+        solo, shared = metrics(runs(tmp_path / "solo")[name]), metrics(runs(tmp_path / "shared")[name])
+        assert solo["no_press_perplexity"] == pytest.approx(baseline, rel=1e-12)
+        for key in ("no_press_perplexity", "delta", "ratio"):
+            assert shared[key] == pytest.approx(solo[key], rel=1e-5), (name, key)
+
+
+@pytest.mark.integration
 def test_pg19_sweep_matches_job_by_job_with_one_prefill_then_skips_and_resumes(tmp_path):
     sweep = [*PG19, "dataset.context_length=128", "press=knorm,snapkv", "compression_ratio=0.25,0.5"]
     _, prefills = kvbench_sweep(tmp_path / "solo", BASIC, *sweep)
