@@ -26,9 +26,10 @@ Deliberate differences from RULER's scripts, each for a reason:
   that splits after ``.``, ``!`` or ``?`` (and a closing quote or bracket) stands in for it offline.
 - Keys and values of distractor needles never repeat the real ones, and vt chains get distinct values, so
   every reference answer stays unique.
-- cwe's solved example is text inside the one user turn, as RULER writes it for a base model. For a chat
-  template RULER formats the example as a turn of its own (its template, answer prefix and answer, then the
-  real prompt in its template); the model's own chat template is applied here once per prompt, to the prompt.
+- cwe's solved example is text inside the one user turn, as RULER writes it with its ``base`` template, the
+  one kvpress' published RULER set was made with (``simonjegou/ruler``, ``--model_template_type base``) before
+  its pipeline applies the model's chat template to the whole prompt, as here. With one of RULER's chat
+  templates the example would be a templated turn of its own, answer included, before the real prompt's.
 """
 
 from __future__ import annotations
