@@ -145,6 +145,20 @@ def test_group_defaults_to_none_outside_a_sweep(finished_run, monkeypatch):
     assert tracking.sweep_group() is None
 
 
+def test_the_summarys_best_is_a_full_run_when_one_exists(tmp_path):
+    """A smoke run (here every run of the tree has 5 samples) is the best only of smoke runs."""
+    results = tmp_path / "results"
+    results.mkdir()
+    make_results_tree(results)
+    write_run(results, "ruler", "smollm2-135m", "knorm", 0.75, 40.0, extra={"num_samples": 1300, "num_samples_per_task": 100})
+    board = build_leaderboard(results)
+    push_leaderboard(board.table, board.plots, project="kvbench-test", mode="offline", directory=tmp_path / "wb")
+    summary = read_offline_run(offline_runs(tmp_path / "wb")[0])["summary"]
+    assert summary["best/ruler/smollm2-135m/score"] == pytest.approx(40.0)  # not the smoke run's 81.0
+    assert summary["best/ruler/smollm2-135m/label"] == "knorm @ 0.75"
+    assert summary["best/pg19/smollm2-135m/score"] == pytest.approx(13.75)
+
+
 def test_push_leaderboard_offline(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

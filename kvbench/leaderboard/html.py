@@ -21,7 +21,7 @@ from kvbench.leaderboard.table import (
     TRUNCATED_MARK,
     SkippedRun,
     all_smoke,
-    best_labels,
+    block_winners,
     blocks,
     format_ratio,
     format_score,
@@ -117,7 +117,7 @@ def _anchor(dataset: str, model: str) -> str:
 def _grid_html(table: pd.DataFrame, dataset: str, model: str) -> str:
     grid = score_grid(table, dataset, model)
     marks = mark_grid(table, dataset, model)
-    winners = best_labels(grid, higher_is_better(table, dataset))
+    winners = block_winners(table, dataset, model, grid, marks)
     head = "".join(f"<th>{_e(c)}</th>" for c in grid.columns)
     rows = []
     for label, values in grid.iterrows():

@@ -61,7 +61,7 @@ BASE_COLUMNS = (
     "device",
     "dtype",
 )
-DERIVED_COLUMNS = ("prefill_compression_seconds", "wall_seconds")
+DERIVED_COLUMNS = ("wall_seconds",)
 TAIL_COLUMNS = ("run_name", "run_dir")
 BREAKDOWN_PREFIXES = ("task:", "bucket:", "cell:")
 
@@ -209,9 +209,6 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     }
     for key in SPEED_COLUMNS:
         row[key] = float(speed[key]) if _is_number(speed.get(key)) else math.nan
-    row["prefill_compression_seconds"] = row["prefill_seconds"] + (
-        0.0 if math.isnan(row["compression_seconds"]) else row["compression_seconds"]
-    )
     for source, column in (
         ("perplexity", "perplexity"),
         ("no_press_perplexity", "no_press_perplexity"),
@@ -440,20 +437,41 @@ def is_perplexity(table: pd.DataFrame, dataset: str) -> bool:
     return kind == "perplexity"
 
 
-def best_labels(grid: pd.DataFrame, higher: bool) -> dict[str, set[str]]:
+def setting(variant: str) -> str:
+    """What a run measured besides its press: its variant without the ``press.*`` parameters. Runs at another
+    context length, sample count or seed answer another question, so they never compete for "best"."""
+    return "__".join(part for part in str(variant or "").split("__") if part and not part.startswith("press."))
+
+
+def best_labels(grid: pd.DataFrame, higher: bool, marks: pd.DataFrame | None = None,
+                settings: dict[str, str] | None = None) -> dict[str, set[str]]:
     """Per ratio column, which compressing presses reach the best score (ties all win).
 
     The no-press reference is excluded: it never compresses, so "winning" a column is meaningless for it.
+    With ``settings`` (label -> :func:`setting`) presses compete only with those of the same setting; with
+    ``marks`` (:func:`mark_grid`) a smoke cell wins only where no cell of its setting is leaderboard-grade.
     """
     winners: dict[str, set[str]] = {}
     candidates = grid.drop(index=[i for i in grid.index if i.startswith(NO_PRESS)], errors="ignore")
     for column in candidates.columns:
         values = candidates[column].dropna()
-        if len(values) < 2:
-            continue
-        best = values.max() if higher else values.min()
-        winners[column] = set(values.index[values == best])
+        groups = values.groupby([(settings or {}).get(label, "") for label in values.index])
+        for _, group in groups:
+            if len(group) < 2:
+                continue
+            if marks is not None:
+                full = group[[SMOKE_MARK not in marks.at[label, column] for label in group.index]]
+                group = full if len(full) else group
+            best = group.max() if higher else group.min()
+            winners.setdefault(column, set()).update(group.index[group == best])
     return winners
+
+
+def block_winners(table: pd.DataFrame, dataset: str, model: str, grid: pd.DataFrame, marks: pd.DataFrame) -> dict[str, set[str]]:
+    """:func:`best_labels` for one block's grid, each label in its own setting, smoke cells behind full ones."""
+    block = block_rows(table, dataset, model)
+    settings = {label: setting(variant) for label, variant in zip(block["label"], block["variant"])}
+    return best_labels(grid, higher_is_better(table, dataset), marks, settings)
 
 
 def format_score(value: float) -> str:
@@ -464,16 +482,18 @@ def format_score(value: float) -> str:
 
 
 def to_markdown(table: pd.DataFrame, skipped: list[SkippedRun] | None = None) -> str:
-    """A Markdown leaderboard, one score grid per (dataset, model); best compressed score per ratio in bold."""
+    """A Markdown leaderboard, one score grid per (dataset, model); in bold, per ratio, the best compressed score
+    among runs of one setting (:func:`block_winners`)."""
     lines = ["# KV-cache compression leaderboard", ""]
     lines.append(f"{len(table)} runs. Rows: press; columns: compression ratio (fraction of the KV cache removed).")
-    lines.append("`no_press` is the uncompressed reference (ratio 0.00).")
+    lines.append("`no_press` is the uncompressed reference (ratio 0.00). Bold: the best compressed score of a ratio among runs "
+                 "of the same settings (a smoke run only where no full run competes).")
     lines.append("")
     for dataset, model in blocks(table):
         higher = higher_is_better(table, dataset)
         grid = score_grid(table, dataset, model)
         marks = mark_grid(table, dataset, model)
-        winners = best_labels(grid, higher)
+        winners = block_winners(table, dataset, model, grid, marks)
         lines.append(f"## {dataset} / {model}" + (" (smoke runs)" if all_smoke(table, dataset, model) else ""))
         lines.append("")
         lines.append(f"Score: {'higher' if higher else 'lower'} is better.")

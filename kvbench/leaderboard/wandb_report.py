@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from kvbench.leaderboard.plots import PlotInfo
-from kvbench.leaderboard.table import NO_PRESS, blocks, score_grid
+from kvbench.leaderboard.table import NO_PRESS, block_rows, blocks, score_grid
 from kvbench.tracking import predictions_table, start_run
 
 
@@ -70,9 +70,12 @@ def push_leaderboard(
         run.log(payload)
         summary = {"num_runs": int(len(table))}
         for dataset, model in blocks(table):
-            block = table[(table["dataset"] == dataset) & (table["model"] == model) & (table["press"] != NO_PRESS)]
+            block = block_rows(table, dataset, model)
+            block = block[block["press"] != NO_PRESS]
             if block.empty:
                 continue
+            full = block[~block["smoke"].astype(bool)]
+            block = full if len(full) else block  # a smoke run is the best only of smoke runs
             higher = bool(block["higher_is_better"].iloc[0])
             best = block.loc[block["score"].idxmax() if higher else block["score"].idxmin()]
             # Best *compressed* cell: the uncompressed reference would trivially win most blocks.
