@@ -115,6 +115,23 @@ def test_metrics_without_score_or_non_mapping_config_are_skipped(tmp_path):
     }
 
 
+def test_torn_identity_non_finite_score_or_count_is_skipped_with_its_reason(tmp_path):
+    """Never half-read: a torn identity.json would leave the run without device, dtype and duplicate check."""
+    torn = write_run(tmp_path, "ruler", MODEL, "knorm", 0.5, 50.0)
+    (torn / "identity.json").write_text('{"config": ')
+    nan_score = write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 50.0)
+    (nan_score / "metrics.json").write_text(json.dumps({**json.loads((nan_score / "metrics.json").read_text()), "score": float("nan")}))
+    inf_count = write_run(tmp_path, "ruler", MODEL, "tova", 0.5, 50.0, extra={"truncated_samples": float("inf")})
+    old = write_run(tmp_path, "ruler", MODEL, "random", 0.5, 40.0)
+    (old / "identity.json").unlink()  # a run from before identity.json: still read
+    table, skipped = load_results(tmp_path)
+    assert list(table["press"]) == ["random"]
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert reasons[torn.name].startswith("unparsable identity.json")
+    assert reasons[nan_score.name] == "metrics.json has no finite numeric 'score'"
+    assert reasons[inf_count.name] == "metrics.json has truncated_samples=inf, not a count"
+
+
 def test_format_ratio_matches_run_names():
     assert [format_ratio(r) for r in (0.0, 0.5, 0.25, 0.875, 0.125, 0.1)] == [
         "0.00", "0.50", "0.25", "0.875", "0.125", "0.10",
@@ -406,6 +423,7 @@ def test_two_results_with_one_identity_are_flagged_not_averaged(tmp_path):
     text = to_markdown(table)
     assert re.search(rf"60\.00\** {DUPLICATE_MARK}", text) and "20.00" not in text
     assert copy.name in text and "same identity" in text
+    assert text.splitlines()[2].startswith(f"2 runs (1 stored twice, shown once: {DUPLICATE_MARK}). Rows: press")
     assert f"{copy.name} = {first.name}" in build_leaderboard(tmp_path).summary()
 
 

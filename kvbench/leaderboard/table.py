@@ -20,7 +20,7 @@ import yaml
 
 from kvbench.errors import KVBenchError
 from kvbench import datasets
-from kvbench.results import RESULT_FILES, RunDirectory, format_ratio  # the leaderboard reads what results.py writes
+from kvbench.results import IDENTITY_FILE, RESULT_FILES, RunDirectory, format_ratio  # the leaderboard reads what results.py writes
 from kvbench.results import SPEED_COLUMNS as RUN_SPEED_COLUMNS
 
 NO_PRESS = "no_press"
@@ -107,6 +107,15 @@ def _samples_per_task(metrics: dict[str, Any]) -> float:
     return float(total) / len(tasks) if isinstance(tasks, dict) and tasks else float(total)
 
 
+def _count(metrics: dict[str, Any], key: str) -> int:
+    value = metrics.get(key)
+    if value is None:
+        return 0
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"metrics.json has {key}={value!r}, not a count")
+    return int(value)
+
+
 def _read_run(run_dir: Path) -> dict[str, Any]:
     """Parse one run directory into a flat row; raises ValueError with a short reason when unusable."""
     missing = [name for name in RESULT_FILES if not (run_dir / name).is_file()]
@@ -127,8 +136,8 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError("config.yaml is not a mapping")
     score = metrics.get("score")
-    if not _is_number(score):
-        raise ValueError("metrics.json has no numeric 'score'")
+    if not _is_number(score) or not math.isfinite(score):
+        raise ValueError("metrics.json has no finite numeric 'score'")
 
     def section(name: str) -> dict[str, Any]:
         value = config.get(name)
@@ -180,6 +189,8 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         ratio = round(1.0 - float(speed["kv_kept_fraction"]), 4)
 
     identity = RunDirectory(run_dir.parent, run_dir.name).recorded_identity()
+    if identity is None and (run_dir / IDENTITY_FILE).exists():  # runs from before identity.json have none
+        raise ValueError(f"unparsable {IDENTITY_FILE} (a torn write?): its device, dtype and duplicates would be unknown")
     row: dict[str, Any] = {
         "dataset": dataset,
         "model": model,
@@ -195,8 +206,8 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "higher_is_better": higher,
         "num_samples": metrics.get("num_samples"),
         "num_samples_per_task": _samples_per_task(metrics),
-        "truncated_samples": int(metrics["truncated_samples"]) if _is_number(metrics.get("truncated_samples")) else 0,
-        "max_truncated_tokens": int(metrics["max_truncated_tokens"]) if _is_number(metrics.get("max_truncated_tokens")) else 0,
+        "truncated_samples": _count(metrics, "truncated_samples"),
+        "max_truncated_tokens": _count(metrics, "max_truncated_tokens"),
         "context_length": section("dataset").get("context_length"),
         "budget": budget,
         "seed": config.get("seed"),
@@ -485,7 +496,9 @@ def to_markdown(table: pd.DataFrame, skipped: list[SkippedRun] | None = None) ->
     """A Markdown leaderboard, one score grid per (dataset, model); in bold, per ratio, the best compressed score
     among runs of one setting (:func:`block_winners`)."""
     lines = ["# KV-cache compression leaderboard", ""]
-    lines.append(f"{len(table)} runs. Rows: press; columns: compression ratio (fraction of the KV cache removed).")
+    copies = int((table["duplicate_of"].fillna("") != "").sum()) if "duplicate_of" in table else 0
+    counted = f"{len(table) - copies} runs" + (f" ({copies} stored twice, shown once: {DUPLICATE_MARK})" if copies else "")
+    lines.append(f"{counted}. Rows: press; columns: compression ratio (fraction of the KV cache removed).")
     lines.append("`no_press` is the uncompressed reference (ratio 0.00). Bold: the best compressed score of a ratio among runs "
                  "of the same settings (a smoke run only where no full run competes).")
     lines.append("")
