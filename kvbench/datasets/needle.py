@@ -63,9 +63,15 @@ def austen_text() -> str:
     return "\n\n".join(load_books().values())
 
 
-def haystack_source(name: str) -> str:
+def _haystack_name(name: Any) -> str:
+    name = str(name or "essays")
     if name not in HAYSTACKS:
         raise KVBenchError(f"unknown dataset.haystack '{name}'; use one of {', '.join(HAYSTACKS)}")
+    return name
+
+
+def haystack_source(name: str) -> str:
+    name = _haystack_name(name)
     text = essays_text() if name == "essays" else austen_text()
     if not text.strip():
         raise KVBenchError(f"the {name} haystack is empty; reinstall its source or pick the other dataset.haystack")
@@ -252,8 +258,7 @@ def check(cfg: Mapping[str, Any]) -> None:
     _grid(cfg)
     _answers(cfg, _texts(cfg)[0])
     _max_new_tokens(cfg)
-    if str(cfg.get("haystack", "essays") or "essays") not in HAYSTACKS:
-        raise KVBenchError(f"unknown dataset.haystack '{cfg.get('haystack')}'; use one of {', '.join(HAYSTACKS)}")
+    _haystack_name(cfg.get("haystack", None))
 
 
 def _label(value: float) -> str:

@@ -134,10 +134,14 @@ def _positive(cfg: Mapping[str, Any], key: str, default: int | None) -> int | No
     return value
 
 
+def _windows(cfg: Mapping[str, Any]) -> tuple[int, int, int | None]:
+    """``context_length``, ``eval_length`` and ``max_windows_per_book`` as configured (the defaults for null)."""
+    return _positive(cfg, "context_length", 1024), _positive(cfg, "eval_length", 128), _positive(cfg, "max_windows_per_book", None)
+
+
 def check(cfg: Mapping[str, Any]) -> None:
     """Window sizes, book count and source, checked before the model loads."""
-    for key, default in (("context_length", 1024), ("eval_length", 128), ("max_windows_per_book", None)):
-        _positive(cfg, key, default)
+    _windows(cfg)
     _limit(cfg)
     source = str(cfg.get("source", "austen") or "austen")
     if source not in SOURCES:
@@ -163,9 +167,7 @@ def load(cfg: Mapping[str, Any], tokenizer: Any) -> pd.DataFrame:
     ``input_ids`` (context then scored tokens) and ``context_tokens`` (how many of them are context)."""
     if tokenizer is None:
         raise KVBenchError("perplexity windows are cut in tokens of the model's tokenizer; pass one")
-    context_length = _positive(cfg, "context_length", 1024)
-    eval_length = _positive(cfg, "eval_length", 128)
-    per_book = _positive(cfg, "max_windows_per_book", None)
+    context_length, eval_length, per_book = _windows(cfg)
     window = context_length + eval_length
     rows = []
     for book in books(cfg).itertuples():
