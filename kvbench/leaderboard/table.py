@@ -344,8 +344,9 @@ def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRun
 def score_grid(table: pd.DataFrame, dataset: str, model: str, value: str = "score") -> pd.DataFrame:
     """Rows = press labels, columns = ratio labels: the shape people read leaderboards in.
 
-    Different runs of the same cell (e.g. re-runs with another seed) are averaged rather than dropped; a
-    second copy of one identity (``duplicate_of``) is not a second measurement and is left out (and marked).
+    A setting that differs (a seed, a press parameter) is in the label, so a cell holds one run; the exception,
+    token-budget runs configured at two ratios that removed the same fraction, are averaged. A second copy of one
+    identity (``duplicate_of``) is not a second measurement and is left out (and marked).
     """
     block = block_rows(table, dataset, model)
     if block.empty:
