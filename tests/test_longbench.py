@@ -498,3 +498,13 @@ def test_only_samsum_rows_carry_a_stop_text(longbench_dir):
     df = lb.load({"tasks": ["samsum", "hotpotqa"], "path": str(longbench_dir)}, None)
     stops = df.set_index("task")["stop_text"]
     assert stops["samsum"] == "\n" and stops["hotpotqa"].isna().all()
+
+
+@pytest.mark.parametrize("num_samples", [2.5, "abc", 0, True])
+def test_a_sample_count_that_is_not_a_count_is_refused_before_loading(num_samples):
+    """int(2.5) would silently take 2 samples and int("abc") raise a traceback; both are one clear error."""
+    with pytest.raises(KVBenchError, match=r"dataset.num_samples must be a positive integer or null, got "):
+        lb.check({"tasks": ["hotpotqa"], "num_samples": num_samples})
+    lb.check({"tasks": ["hotpotqa"], "num_samples": None})
+    with pytest.raises(KVBenchError, match="unknown LongBench-E task"):
+        lb.check({"tasks": ["nope"]})

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from kvbench import hub
+from kvbench.datasets.options import positive_int
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import files_digest
 
@@ -269,14 +270,18 @@ def build_rows(task: str, records: Iterable[Mapping[str, Any]]) -> list[dict]:
     return rows
 
 
+def check(cfg: Mapping[str, Any]) -> None:
+    """Task names and sample count, checked before the model loads."""
+    _task_list(cfg)
+    positive_int(cfg, "num_samples", None, nullable=True)
+
+
 def load(cfg: Mapping[str, Any], tokenizer: Any = None) -> pd.DataFrame:
     """Load LongBench-E rows; the tokenizer is unused because the harness truncates contexts itself."""
     tasks = _task_list(cfg)
     path = cfg.get("path", None)
     hub_id = str(cfg.get("hub_id", None) or HUB_ID)
-    num_samples = cfg.get("num_samples", None)
-    if num_samples is not None and int(num_samples) < 1:
-        raise KVBenchError(f"dataset.num_samples must be a positive integer or null, got {num_samples}")
+    num_samples = positive_int(cfg, "num_samples", None, nullable=True)
     directory = None
     if path is not None:
         directory = Path(str(path)).expanduser()

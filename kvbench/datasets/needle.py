@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from kvbench.datasets import ruler_data
+from kvbench.datasets.options import positive_int
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import package_version
 
@@ -230,13 +231,6 @@ def _answers(cfg: Mapping[str, Any], needle: str) -> list[str]:
     return answers
 
 
-def _max_new_tokens(cfg: Mapping[str, Any]) -> int:
-    value = cfg.get("max_new_tokens", 32)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KVBenchError(f"dataset.max_new_tokens must be a positive integer, got {value!r}")
-    return value
-
-
 def _grid(cfg: Mapping[str, Any]) -> tuple[list[int], list[float]]:
     lengths = _grid_axis(cfg, "context_lengths", DEFAULT_LENGTHS, whole=True)
     depths = _grid_axis(cfg, "depths", DEFAULT_DEPTHS, whole=False)
@@ -257,7 +251,7 @@ def check(cfg: Mapping[str, Any]) -> None:
     """The grid, the answers and the budget, checked before the model (or the tokenizer) loads."""
     _grid(cfg)
     _answers(cfg, _texts(cfg)[0])
-    _max_new_tokens(cfg)
+    positive_int(cfg, "max_new_tokens", 32)
     _haystack_name(cfg.get("haystack", None))
 
 
@@ -275,7 +269,7 @@ def load(cfg: Mapping[str, Any], tokenizer: Any) -> pd.DataFrame:
     haystack = str(cfg.get("haystack", "essays") or "essays")
     source = haystack_source(haystack)
     answer_prefix = str(cfg.get("answer_prefix", "Answer:") or "")
-    max_new_tokens = _max_new_tokens(cfg)
+    max_new_tokens = positive_int(cfg, "max_new_tokens", 32)
     rows = []
     for length in lengths:
         for depth in depths:

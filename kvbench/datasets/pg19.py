@@ -22,6 +22,7 @@ import pandas as pd
 
 from kvbench import hub
 from kvbench.errors import KVBenchError
+from kvbench.datasets.options import positive_int
 from kvbench.fingerprint import folder_digest
 
 KIND = "perplexity"  # windows scored by teacher forcing, no question
@@ -38,7 +39,7 @@ def _slug(title: str) -> str:
 
 
 def _limit(cfg: Mapping[str, Any]) -> int | None:
-    return _positive(cfg, "num_books", None)
+    return positive_int(cfg, "num_books", None, nullable=True)
 
 
 def _austen_books() -> list[tuple[str, str]]:
@@ -125,18 +126,10 @@ def books(cfg: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame({"id": [b[0] for b in found], "text": [b[1] for b in found]})
 
 
-def _positive(cfg: Mapping[str, Any], key: str, default: int | None) -> int | None:
-    value = cfg.get(key, default)
-    if value is None and default is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KVBenchError(f"dataset.{key} must be a positive integer{' or null' if default is None else ''}, got {value!r}")
-    return value
-
-
 def _windows(cfg: Mapping[str, Any]) -> tuple[int, int, int | None]:
     """``context_length``, ``eval_length`` and ``max_windows_per_book`` as configured (the defaults for null)."""
-    return _positive(cfg, "context_length", 1024), _positive(cfg, "eval_length", 128), _positive(cfg, "max_windows_per_book", None)
+    return (positive_int(cfg, "context_length", 1024), positive_int(cfg, "eval_length", 128),
+            positive_int(cfg, "max_windows_per_book", None, nullable=True))
 
 
 def check(cfg: Mapping[str, Any]) -> None:

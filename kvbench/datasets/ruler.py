@@ -18,6 +18,7 @@ import pandas as pd
 
 from kvbench import hub
 from kvbench.datasets import ruler_data
+from kvbench.datasets.options import positive_int
 from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, RULER_COMMIT, SPECS, Prompt, Target, generate
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import package_version
@@ -49,13 +50,6 @@ def _option(cfg: Mapping | None, key: str):
     return DEFAULTS[key] if value is None else value
 
 
-def _positive_int(cfg: Mapping | None, key: str) -> int:
-    value = _option(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KVBenchError(f"dataset.{key} must be a positive integer, got {value!r}")
-    return value
-
-
 def select_tasks(tasks) -> list[str]:
     """``None``/``"all"`` -> every task; otherwise a list (or comma-separated string) of task names."""
     if tasks is None or tasks == "all":
@@ -74,7 +68,7 @@ def task_kind(task: str) -> str:
 def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
     """Both sources yield the same columns (:data:`COLUMNS`), so runs and scorers never depend on the source."""
     tasks = select_tasks(_option(cfg, "tasks"))
-    length, num_samples = _positive_int(cfg, "context_length"), _positive_int(cfg, "num_samples")
+    length, num_samples = (positive_int(cfg, key, DEFAULTS[key]) for key in ("context_length", "num_samples"))
     source = str(_option(cfg, "source"))
     if source == "hub":
         return _load_hub(cfg, tasks, length, num_samples)
