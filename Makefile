@@ -64,9 +64,11 @@ bench-sweep: setup
 	$(PY) benchmarks/cache_bytes.py --ratios 0.5 0.75
 	$(PY) benchmarks/batch_throughput.py --batch-sizes 1 4
 
-# The GPU figures in one go (docs/benchmarks.md, "GPU session"): CUDA tests, the Llama-3.1-8B-shaped speed grid and the
-# scoring cost of every press, into results/gpu_session. Needs a CUDA device.
+# The GPU figures in one go (docs/benchmarks.md, "GPU session"): CUDA tests, the Llama-3.1-8B-shaped speed grid, the
+# scoring cost of every press and batch_size=8 vs 1, into results/gpu_session. Needs a CUDA device (and a package
+# index, for the wheels gpu_carry.sh gathers for bare device machines).
 bench-gpu: setup
+	PYTHON=$(PY) bash benchmarks/gpu_carry.sh
 	PYTHON=$(PY) bash benchmarks/gpu_session.sh results/gpu_session
 
 # The SnapKV design-space study end to end on the packaged model, at a CPU-sized grid (minutes): both sweep presets
