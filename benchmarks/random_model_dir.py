@@ -30,7 +30,11 @@ def write(config: str, tokenizer: Path, out: Path, seed: int) -> Path:
                                          else model_source.RANDOM_PREFIX + config)
     if not tokenizer.is_dir():
         raise KVBenchError(f"--tokenizer {tokenizer} is not a folder; give the folder holding tokenizer.json")
-    loaded_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    try:  # not kvbench.models.load_tokenizer: that reads model folders (config.json), this one holds a tokenizer alone
+        loaded_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    except (OSError, ValueError) as exc:
+        raise KVBenchError(f"no tokenizer could be read from {tokenizer} ({exc.__class__.__name__}); give the folder "
+                           f"benchmarks/gpu_carry.sh writes to .gpu-carry/tokenizer") from exc
     vocab = len(loaded_tokenizer)
     if vocab > source.config.vocab_size:
         raise KVBenchError(f"the tokenizer in {tokenizer} has {vocab} tokens but {config} embeds only "
