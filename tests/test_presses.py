@@ -172,3 +172,46 @@ def test_critical_adakv_selection_matches_a_straightforward_loop(batch, kv_heads
         expected = _loop_critical(scores[i].tolist(), norms[i], [n_kept] * kv_heads,
                                   [int(n_kept * first_stage_ratio)] * kv_heads, eps)
         assert [[t for t, keep in enumerate(row) if keep] for row in expected] == indices[i].tolist()
+
+
+@pytest.mark.parametrize("chunk_heads", [1, 2, 3, 4, 7, 100])
+@pytest.mark.parametrize("window", [1, 5])
+def test_window_votes_are_the_same_in_any_chunking(monkeypatch, chunk_heads, window):
+    """SnapKV's votes go through the query heads in chunks (one query head, part of a KV head's group, several KV
+    heads, a batch's last partial chunk): every chunking gives the mean attention of the window queries, computed
+    here in one piece in float64."""
+    from kvbench.presses import snapkv
+    from kvbench.presses.base import LayerState
+
+    batch, kv_heads, group, seq_len, d = 2, 2, 3, 37, 8
+    monkeypatch.setattr(snapkv, "LOGITS_CHUNK_BYTES", 4 * window * seq_len * chunk_heads)
+    generator = torch.Generator().manual_seed(chunk_heads)
+    queries = torch.randn(batch, kv_heads * group, seq_len, d, generator=generator)
+    keys = torch.randn(batch, kv_heads, seq_len, d, generator=generator)
+    state = LayerState(module=None, layer_idx=0, hidden_states=None, keys=keys, values=keys, cos=None, sin=None,
+                       rotary=None, queries=queries)
+    logits = queries[:, :, -window:].double() @ keys.double().repeat_interleave(group, dim=1).transpose(-1, -2) / d**0.5
+    future = torch.ones(window, seq_len, dtype=torch.bool).triu(seq_len - window + 1)
+    expected = logits.masked_fill(future, float("-inf")).softmax(dim=-1).mean(dim=-2)
+    votes = snapkv.window_votes(state, window)
+    assert votes.shape == (batch, kv_heads, group, seq_len)
+    torch.testing.assert_close(votes.reshape(expected.shape).double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rotary_dims", [16, 8])
+def test_apply_rope_is_the_models_rotation_to_the_bit(rotary_dims):
+    """kvbench rotates in place to save memory; the result must be transformers' ``q * cos + rotate_half(q) * sin``
+    bit for bit (full rotary: Llama's own function; partial: that formula on the rotary dims, the rest unchanged),
+    for the strided queries the attention hands over too."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+    generator = torch.Generator().manual_seed(rotary_dims)
+    x = torch.randn(2, 7, 3, 16, generator=generator).transpose(1, 2)  # [b, h, n, d] as a view of [b, n, h, d]
+    cos, sin = torch.randn(2, 2, 7, rotary_dims, generator=generator).unbind(0)
+    ours = apply_rope(x, cos, sin)
+    if rotary_dims == x.shape[-1]:
+        expected = apply_rotary_pos_emb(x, x, cos, sin)[0]
+    else:
+        rot = x[..., :rotary_dims]
+        expected = torch.cat((rot * cos[:, None] + rotate_half(rot) * sin[:, None], x[..., rotary_dims:]), dim=-1)
+    assert torch.equal(ours, expected)

@@ -13,6 +13,8 @@ from kvbench.presses.base import LayerState, Press, require_int
 from kvbench.presses.clustering import CLUSTERINGS, kmeans_rescore
 
 POOLINGS = ("avg", "max")
+# Logits of the query heads scored together on CPU (window x seq fp32 each): what stays in a core's cache.
+LOGITS_CHUNK_BYTES = 1 << 20
 
 
 def pool_same_length(x: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
@@ -34,22 +36,38 @@ def pool_same_length(x: torch.Tensor, kernel_size: int, pooling: str) -> torch.T
 def window_votes(state: LayerState, window: int) -> torch.Tensor:
     """Mean attention of the last ``window`` queries over all keys (fp32, causal inside the window).
 
-    Returns ``[batch, kv_heads, group, seq]`` so GQA groups can be reduced by the caller. Batched matmuls
-    throughout (the mean over queries too): this runs once per layer inside prefill and must stay cheap.
+    Returns ``[batch, kv_heads, group, seq]`` so GQA groups can be reduced by the caller. This runs once per layer
+    inside prefill and must stay cheap. On CPU the query heads go through in chunks of at most
+    ``LOGITS_CHUNK_BYTES`` of logits, into one logits and one softmax buffer reused by every chunk: a layer's logits
+    at once (9 MB for 9 heads x 64 queries x 4k keys) are page-faulted in, written out to memory and read back by
+    the softmax and again by the mean, which took ~1.5x the time of chunks that stay in the core's cache.
+    Accelerators take the layer in one chunk. Batched matmuls within a chunk, the mean over queries too.
     """
-    keys = state.keys
     seq_len = state.seq_len
     q = state.context_queries(slice(seq_len - window, seq_len))
     b, n_heads, _, d = q.shape
-    kv_heads = keys.shape[1]
+    kv_heads = state.keys.shape[1]
     group = n_heads // kv_heads
-    q = q.reshape(b, kv_heads, group * window, d).float() / math.sqrt(d)
-    logits = (q @ keys.float().transpose(-1, -2)).view(b, kv_heads, group, window, seq_len)
-    future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)
-    logits[..., seq_len - window :].masked_fill_(future, float("-inf"))
-    attn = logits.softmax(dim=-1).view(-1, window, seq_len)
-    mean = torch.full((attn.shape[0], 1, window), 1.0 / window, device=attn.device)
-    return torch.bmm(mean, attn).view(b, kv_heads, group, seq_len)
+    q = q.detach().reshape(b * kv_heads, group * window, d).float() / math.sqrt(d)  # out= buffers take no autograd
+    keys_t = state.keys.detach().float().reshape(b * kv_heads, seq_len, d).transpose(-1, -2)
+    future = torch.ones(window, window, dtype=torch.bool, device=q.device).triu(1)
+    chunk = b * n_heads if q.device.type != "cpu" else max(1, LOGITS_CHUNK_BYTES // (4 * window * seq_len))
+    # whole KV heads, or query heads of one KV head (so a buffer's slice is always contiguous)
+    per_kv, per_group = max(1, chunk // group), min(group, chunk)
+    logits_buffer = q.new_empty(min(per_kv, b * kv_heads), per_group * window, seq_len)
+    attn_buffer = q.new_empty(logits_buffer.shape[0] * per_group, window, seq_len)
+    mean = torch.full((attn_buffer.shape[0], 1, window), 1.0 / window, device=q.device)
+    votes = torch.empty(b * kv_heads, group, seq_len, device=q.device)
+    for kv in range(0, b * kv_heads, per_kv):
+        n_kv = min(per_kv, b * kv_heads - kv)
+        for g in range(0, group, per_group):
+            n_q = min(per_group, group - g)
+            logits = torch.matmul(q[kv : kv + n_kv, g * window : (g + n_q) * window], keys_t[kv : kv + n_kv],
+                                  out=logits_buffer[:n_kv, : n_q * window]).view(-1, window, seq_len)
+            logits[..., seq_len - window :].masked_fill_(future, float("-inf"))
+            attn = torch.softmax(logits, dim=-1, out=attn_buffer[: n_kv * n_q])
+            votes[kv : kv + n_kv, g : g + n_q] = torch.bmm(mean[: n_kv * n_q], attn).view(n_kv, n_q, seq_len)
+    return votes.view(b, kv_heads, group, seq_len)
 
 
 @dataclass
