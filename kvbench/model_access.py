@@ -47,7 +47,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``x * cos + rotate_half(x) * sin`` (rotate-half layout, ``rotate_half(x) = (-x2, x1)``) to the bit, with the
     half-rotation's terms added into ``x * cos`` in place: the plain expression makes four tensors the size of
     ``x`` (a layer's whole context of queries when a press rotates them back), and writing and page-faulting those
-    took ~5x the arithmetic on CPU."""
+    made it 5.5x slower on CPU (9.9 against 1.8 ms for 9 heads x 4k queries; 146 against 98 ms over a prefill)."""
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
     r = cos.shape[-1]
     half = r // 2
