@@ -103,10 +103,22 @@ def test_high_compression_computes_few_norms(monkeypatch):
     assert slots <= sum(computed) < 0.5 * candidates
 
 
-def test_low_compression_computes_every_candidate_without_bounds(monkeypatch):
-    """Slots over half the candidates: bounds would prune too little to pay for themselves, so none are taken."""
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_low_compression_computes_every_candidate_without_bounds(ratio, monkeypatch):
+    """Slots over a quarter of the candidates: bounds would prune too little to pay for themselves, so none are
+    taken."""
     monkeypatch.setattr(criticalkv, "norm_upper_bound", lambda *a, **k: pytest.fail("bounds computed at low compression"))
     state = _state(1, 2, 2, 300)
     scores = _heavy_tailed_scores((1, 2, 300), torch.Generator().manual_seed(5))
-    press = CriticalKVPress(compression_ratio=0.25)
+    press = CriticalKVPress(compression_ratio=ratio)
     assert press.select(scores, state, press.n_kept(300)).indices.shape == (1, 2, press.n_kept(300))
+
+
+def test_the_upper_bound_sits_on_the_norm_when_values_have_one_dimension():
+    """With one value dimension every projected value is a multiple of the same row, so Cauchy-Schwarz holds with
+    equality: the bound must sit on the norm, up to its rounding slack. Generic values never make it that tight, so
+    a bound scaled below the norm by a few percent would still pass the test above; here it fails."""
+    state = _state(1, 2, 3, 200, head_dim=1)
+    weight = criticalkv.grouped_output_weight(state).flatten(2)
+    ratio = criticalkv.norm_upper_bound(state.values.float(), weight, 3) / _exact_norms(state).float()
+    assert float(ratio.min()) >= 1 and float(ratio.max()) < 1 + 2 * criticalkv.BOUND_SLACK
