@@ -6,11 +6,11 @@ slice of the output projection (averaged over the query heads sharing a KV head)
 
 The projected norm costs one output projection per token it is computed for, nearly the wrapper's whole cost.
 So it is computed only where the selection depends on it: never for stage-one tokens (kept whatever their norm),
-and in stage two only for tokens whose score could still reach the head's stage-two slots. A cheap upper bound
-of every token's norm (a weighted Cauchy-Schwarz bound, one ``d x d`` quadratic form per token instead of a
-``d x group*hidden`` product) ranks the candidates; exact norms are computed best-bound first, and the tokens
-whose bound falls below the best exact scores found so far are left out, as they cannot be selected. The kept
-tokens are exactly those of the full computation.
+and, in heads whose stage-two slots are few (``PRUNE_SLOT_SHARE``), only for tokens whose score could still reach
+those slots. There a cheap upper bound of every token's norm (a weighted Cauchy-Schwarz bound, one ``d x d``
+quadratic form per token instead of a ``d x group*hidden`` product) ranks the candidates; exact norms are computed
+best-bound first, and the tokens whose bound falls below the best exact scores found so far are left out, as they
+cannot be selected. The kept tokens are exactly those of the full computation.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ BOUND_SLACK = 1e-3
 # A head takes the bounds only when its stage-two slots are at most this share of its candidates. The bound is
 # ~1.22x the norm, so it leaves out only candidates whose scores sit well below the threshold: with slots a third of
 # the candidates (r = 0.5) it still computes ~70 % of the norms, and the bound and the best-first rounds cost more
-# than the 30 % they save (stage two over a 4k prefill of the packaged model, 2-core Intel VM: 347 ms pruned, 280 ms
-# every norm). At a seventh (r = 0.75) it computes a third of them and wins, 236 against 324 ms.
+# than the 30 % they save (stage two over a 4k prefill of the packaged model, 2-core Intel VM: 307 ms pruned, 251 ms
+# every norm). At a seventh (r = 0.75) it computes a third of them and wins, 222 against 303 ms.
 PRUNE_SLOT_SHARE = 0.25
 
 
