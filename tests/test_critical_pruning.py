@@ -60,8 +60,11 @@ def test_the_norm_bounds_hold_for_every_token(batch, kv_heads, group, seq_len):
 @pytest.mark.parametrize("tail", [1, 6])
 @pytest.mark.parametrize("block", [criticalkv.NORM_BLOCK, 16])
 @pytest.mark.parametrize("press_cls", [CriticalKVPress, CriticalAdaKVPress])
-def test_pruned_selection_keeps_exactly_the_tokens_of_the_full_computation(ratio, signed, tail, block, press_cls, monkeypatch):
+@pytest.mark.parametrize("prune_share", [criticalkv.PRUNE_SLOT_SHARE, 1.0])
+def test_pruned_selection_keeps_exactly_the_tokens_of_the_full_computation(ratio, signed, tail, block, press_cls,
+                                                                           prune_share, monkeypatch):
     monkeypatch.setattr(criticalkv, "NORM_BLOCK", block)  # small blocks: many rounds of raising the threshold
+    monkeypatch.setattr(criticalkv, "PRUNE_SLOT_SHARE", prune_share)  # 1.0: every head prunes, whatever its slots
     batch, kv_heads, group, seq_len = 2, 3, 3, 600
     state = _state(batch, kv_heads, group, seq_len, seed=int(ratio * 100) + signed)
     generator = torch.Generator().manual_seed(7)
