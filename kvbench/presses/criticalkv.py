@@ -37,8 +37,9 @@ BOUND_SLACK = 1e-3
 # A head takes the bounds only when its stage-two slots are at most this share of its candidates. The bound is
 # ~1.22x the norm, so it leaves out only candidates whose scores sit well below the threshold: with slots a third of
 # the candidates (r = 0.5) it still computes ~70 % of the norms, and the bound and the best-first rounds cost more
-# than the 30 % they save (stage two over a 4k prefill of the packaged model, 2-core Intel VM: 307 ms pruned, 251 ms
-# every norm). At a seventh (r = 0.75) it computes a third of them and wins, 222 against 303 ms.
+# than the 30 % they save (stage two over a 4k prefill of the packaged model, 2-core Intel VM: 330 ms pruned, 270 ms
+# every norm). At a seventh (r = 0.75) it computes a third of them and wins, 242 against 312 ms. The break-even
+# depends on the machine: `benchmarks/critical_prune_share.py` measures it.
 PRUNE_SLOT_SHARE = 0.25
 
 
