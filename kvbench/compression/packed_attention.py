@@ -87,7 +87,10 @@ def _packed_part_flash(layer: PackedLayer, query: torch.Tensor, scaling: float) 
     # out [b*kv*q, group, d] -> [b, kv, group*q, d]; lse [group, b*kv*q] (flash-attn 2 varlen layout)
     out = out.view(b, kv_heads, q_len, group, d).permute(0, 1, 3, 2, 4).reshape(b, kv_heads, group * q_len, d)
     lse = lse.view(group, b, kv_heads, q_len).permute(1, 2, 0, 3).reshape(b, kv_heads, group * q_len)
-    return out.float(), lse.float()
+    # flash-attn writes +inf as the log-sum-exp of a sequence without keys (a head that kept nothing); the merge
+    # reads such a part as -inf (weight 0). One query row (decoding) makes the reshape a strided view: copy it.
+    lse = lse.float().masked_fill(torch.isposinf(lse), float("-inf")).contiguous()
+    return out.float().contiguous(), lse
 
 
 def _use_flash(layer: PackedLayer, query: torch.Tensor) -> bool:
@@ -138,7 +141,7 @@ def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     out_a, lse_a = packed(layer, query, scaling)
     out_b, lse_b = _tail_part(layer, query, key, value, scaling)
     out = merge(out_a, lse_a, out_b, lse_b)  # [b, kv, group * q, d]
-    out = out.view(b, n_heads, q_len, -1).transpose(1, 2).contiguous().to(query.dtype)
+    out = out.reshape(b, n_heads, q_len, -1).transpose(1, 2).contiguous().to(query.dtype)
     return out, None
 
 
