@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from kvbench import model_access
+from kvbench.model_access import RotaryState, fresh_rotary_state
 from kvbench.compression import CompressionStats, Target, compress_into
 from kvbench.compression.cache import kv_bytes, stored_lengths, truncate
 from kvbench.device import peak_memory_bytes, reset_peak_memory, synchronize
@@ -194,6 +195,13 @@ class Prefilled:
     last_hidden: torch.Tensor  # [batch, 1, hidden]: each context's last real position
     lengths: list[int]
     rerotated: list[bool]
+    rotary: RotaryState  # the rotary state right after the prefill: each press decodes from it
+
+    def decoding(self, index: int) -> DynamicCache:
+        """Press ``index``'s cache, with the model's rotary state put back to where the prefill left it (dynamic
+        RoPE grows with the positions a press decodes; the next press must not inherit that)."""
+        self.rotary.restore()
+        return self.caches[index]
 
     def start_positions(self, index: int) -> list[int]:
         """Position of each context's next token over press ``index``'s cache: its length, or its kept count when
@@ -225,6 +233,7 @@ def prefill_many(model, contexts: list[torch.Tensor], presses: list[Press], layo
     cache = DynamicCache(config=model.config)
     solo = len(presses) == 1
     targets = [Target(p, None if solo else DynamicCache(config=model.config)) for p in presses]
+    fresh_rotary_state(model).restore()
     synchronize(device)
     start = time.perf_counter()
     with compress_into(model, targets, lengths=lengths if batched else None, layout=layout):
@@ -239,6 +248,7 @@ def prefill_many(model, contexts: list[torch.Tensor], presses: list[Press], layo
         last_hidden=out.last_hidden_state[torch.arange(len(lengths), device=device), last][:, None],
         lengths=lengths,
         rerotated=[p.rerotates_keys for p in presses],
+        rotary=RotaryState.of(model),
     )
 
 
@@ -264,16 +274,22 @@ def _tail_validity(cache):
 @torch.no_grad()
 def greedy_decode_batch(model, cache, questions: list[torch.Tensor], max_new_tokens: list[int],
                         eos_ids: set[int] | list[set[int]], starts: list[int] | None = None,
-                        first_token_bans: list[set[int]] | None = None) -> tuple[list[list[int]], float, float]:
+                        first_token_bans: list[set[int]] | None = None,
+                        context_logits: torch.Tensor | None = None) -> tuple[list[list[int]], float, float]:
     """Greedy decoding of one question per context (``[1, m_i]`` each) over a (batched) cache.
 
     Batch size 1 decodes as the model would on its own. A batch left-pads the questions so every context's last
     question token is the last column; the padding is invisible (tail validity) and positions continue from
     ``starts`` (each context's next position). Every context decodes until the longest budget; each keeps its
     tokens up to its own stop id (``eos_ids``: one set for all, or one per context) or budget. The first token of
-    context ``i`` is the best one outside ``first_token_bans[i]`` (``generate``'s ``min_length``). Returns tokens,
-    time to first token and seconds per later token.
+    context ``i`` is the best one outside ``first_token_bans[i]`` (``generate``'s ``min_length``). A context whose
+    question is empty (a query-aware prompt without template or answer prefix: the question was prefilled with the
+    context) takes its first token from ``context_logits[i]``, the prefill's output at its last position, as
+    ``generate`` would. Returns tokens, time to first token and seconds per later token.
     """
+    empty = [q.shape[-1] == 0 for q in questions]
+    if any(empty) and context_logits is None:
+        raise ValueError("an empty question needs context_logits: its first token is the prefill's prediction")
     device = model.device
     batch = len(questions)
     stops = list(eos_ids) if isinstance(eos_ids, list) else [eos_ids] * batch
@@ -288,7 +304,12 @@ def greedy_decode_batch(model, cache, questions: list[torch.Tensor], max_new_tok
         ids, valid, positions, next_position = questions[0], None, None, None
     synchronize(device)
     start = time.perf_counter()
-    logits = _step(model, cache, ids, positions, validity, valid, logits_to_keep=1)[:, -1]
+    if all(empty):
+        logits = context_logits[:, -1].clone()
+    else:
+        logits = _step(model, cache, ids, positions, validity, valid, logits_to_keep=1)[:, -1]
+        if any(empty):
+            logits = torch.where(torch.tensor(empty, device=logits.device)[:, None], context_logits[:, -1], logits)
     if first_token_bans and any(first_token_bans):
         logits = logits.clone()
         for i, banned in enumerate(first_token_bans):
@@ -342,6 +363,12 @@ def _context_runs(prefilled: Prefilled, index: int, kv_after: int, peak: int | N
     ) for i in range(batch)]
 
 
+def _own_peak(device, presses: list[Press]) -> int | None:
+    """The run's peak memory, or None when the prefill served several presses: it then held every press' compressed
+    cache at once, a peak none of them would reach alone (``kvbench.benchmark`` measures each press' own)."""
+    return peak_memory_bytes(device) if len(presses) == 1 else None
+
+
 def _context_stats(stats: CompressionStats, i: int, batch: int) -> CompressionStats:
     """Context ``i``'s part of a batch's compression: its kept and total pairs, the bytes its unpadded cache held
     before (the padded batch's bytes in proportion to its length) and after (in proportion to what it kept)."""
@@ -373,8 +400,12 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], presses: list[Press]
     eos = eos_token_ids(model, tokenizer)
     stop_sets = {text: stop_token_ids(tokenizer, text) for texts in (stop_texts or []) for text in texts if text is not None}
     rounds = max(len(p.question_ids) for p in prompts)
+    context_logits = None
+    if any(q.shape[-1] == 0 for p in prompts for q in p.question_ids):
+        context_logits = model.get_output_embeddings()(prefilled.last_hidden)  # [b, 1, V]: unchanged by compression
     out = []
-    for index, cache in enumerate(prefilled.caches):
+    for index in range(len(presses)):
+        cache = prefilled.decoding(index)
         after = kv_bytes(cache)
         lengths = stored_lengths(cache)
         answers: list[list[Answer]] = [[] for _ in prompts]
@@ -385,13 +416,13 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], presses: list[Press]
             stops = [eos if text is None else stop_sets[text] for text in texts]
             bans = [set() if text is None else stop_sets[text] for text in texts]
             tokens, ttft, per_token = greedy_decode_batch(model, cache, questions, budgets, stops,
-                                                          prefilled.start_positions(index), bans)
+                                                          prefilled.start_positions(index), bans, context_logits)
             truncate(cache, lengths)  # the next question sees the compressed context, not this answer
             for i, (prompt, ids) in enumerate(zip(prompts, tokens)):
                 if j < len(prompt.question_ids):
                     text = tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
                     answers[i].append(Answer(text=text, token_ids=ids, ttft_seconds=ttft, seconds_per_token=per_token))
-        out.append(_context_runs(prefilled, index, after, peak_memory_bytes(device), answers))
+        out.append(_context_runs(prefilled, index, after, _own_peak(device, presses), answers))
         prefilled.caches[index] = None  # decoded: its memory can go before the next press' decoding
     return out
 
@@ -423,7 +454,8 @@ def continuations_nll(model, contexts: list[torch.Tensor], continuations: list[t
     batch = len(contexts)
     targets = right_pad(continuations).to(device)
     out = []
-    for index, cache in enumerate(prefilled.caches):
+    for index in range(len(presses)):
+        cache = prefilled.decoding(index)
         after = kv_bytes(cache)
         compressed_lengths = stored_lengths(cache)
         synchronize(device)
@@ -449,7 +481,7 @@ def continuations_nll(model, contexts: list[torch.Tensor], continuations: list[t
             _, _, per_token = greedy_decode_batch(model, cache, firsts, [decode_tokens] * batch, set(),
                                                   prefilled.start_positions(index))
             extra["decode_seconds_per_token"] = per_token
-        runs = _context_runs(prefilled, index, after, peak_memory_bytes(device), [[] for _ in contexts],
+        runs = _context_runs(prefilled, index, after, _own_peak(device, presses), [[] for _ in contexts],
                              [dict(extra) for _ in contexts])
         out.append([(nll, int(c.shape[-1]), run) for nll, c, run in zip(scored, continuations, runs)])
         prefilled.caches[index] = None

@@ -119,6 +119,66 @@ def find_rotary_embedding(model: nn.Module) -> nn.Module:
     return rotary
 
 
+def rotary_modules(model: nn.Module) -> list[nn.Module]:
+    """Every rotary-embedding module of the model (one shared one in current transformers)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "rope_type")]
+
+
+def batch_dependent_rope(model: nn.Module) -> str | None:
+    """The RoPE type whose frequencies follow the largest position of the whole batch (dynamic NTK, LongRoPE), or
+    None: with those, a context's rotations would depend on the longer contexts batched with it."""
+    for module in rotary_modules(model):
+        kinds = module.rope_type.values() if isinstance(module.rope_type, dict) else [module.rope_type]
+        for kind in kinds:
+            if "dynamic" in str(kind) or kind == "longrope":
+                return str(kind)
+    return None
+
+
+class RotaryState:
+    """The mutable state of rotary modules, to put back later: their buffers (values, in place, so the storage the
+    model holds stays the same) and plain attributes (attributes added since are dropped).
+
+    transformers' dynamic RoPE grows its frequencies to the longest position it has been asked for and keeps them
+    (until a call shorter than the original length resets them), and LongRoPE caches its long factors: left alone,
+    a window's numbers would depend on the windows and presses computed before it in the same process.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.saved = [(module,
+                       {name: (tensor, tensor.clone()) for name, tensor in module._buffers.items() if tensor is not None},
+                       {k: v for k, v in vars(module).items() if not k.startswith("_")})
+                      for module in modules]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "RotaryState":
+        return cls(rotary_modules(model))
+
+    def restore(self) -> None:
+        for module, buffers, plain in self.saved:
+            for name, (tensor, saved) in buffers.items():
+                current = module._buffers.get(name)
+                if current is not None and current.device != tensor.device:  # the model moved since: move the values
+                    module._buffers[name] = saved.to(current.device)
+                    continue
+                if current is not tensor:
+                    module._buffers[name] = tensor
+                tensor.copy_(saved)
+            for key in [k for k in vars(module) if not k.startswith("_") and k not in plain]:
+                delattr(module, key)
+            vars(module).update(plain)
+
+
+def fresh_rotary_state(model: nn.Module) -> RotaryState:
+    """The rotary state the model had when kvbench first saw it (``kvbench.models`` asks right after loading):
+    every prefill starts from it, so no computation depends on what the process ran before."""
+    state = getattr(model, "_kvbench_fresh_rotary", None)
+    if state is None:
+        state = RotaryState.of(model)
+        model._kvbench_fresh_rotary = state
+    return state
+
+
 CACHE_KWARGS = ("cache", "past_key_values", "layer_past")  # newer transformers say "cache"; older ones and GPT-NeoX the others
 
 

@@ -21,6 +21,7 @@ import torch
 from kvbench import atomic, hub
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import files_digest, package_version
+from kvbench.model_access import fresh_rotary_state
 
 PACKAGED_MODELS = {
     # name -> (python package holding the file, GGUF file name)
@@ -284,4 +285,5 @@ def load_model(spec: ModelSpec):
     except ImportError as exc:
         raise KVBenchError(f"attn_implementation={spec.attn_implementation} is not available here ({exc}); use sdpa or eager") from exc
     model.to(device).eval()
+    fresh_rotary_state(model)  # what every prefill starts from (dynamic RoPE keeps state between calls)
     return model, load_tokenizer(spec.name_or_path, spec.revision)

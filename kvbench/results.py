@@ -124,8 +124,13 @@ def variant_from_overrides(overrides: list[str]) -> str:
     return variant
 
 
+def run_prefix(dataset: str, model: str) -> str:
+    """What every run name of one dataset and model starts with (before ``__<press>__<ratio>``)."""
+    return "__".join([dataset, model.replace("/", "-")])
+
+
 def run_name(dataset: str, model: str, press: str, ratio: float, variant: str = "") -> str:
-    name = "__".join([dataset, model.replace("/", "-"), press, format_ratio(ratio)])
+    name = "__".join([run_prefix(dataset, model), press, format_ratio(ratio)])
     return f"{name}__{variant}" if variant else name
 
 

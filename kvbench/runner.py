@@ -7,12 +7,12 @@ their registries, the dataset module's declared ``KIND`` picks question answerin
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import logging
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +22,16 @@ from filelock import Timeout
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from kvbench import generation
+from kvbench import baseline, generation
 from kvbench.compression import LAYOUTS
 from kvbench.datasets import check_config, data_inputs, dataset_kind, dataset_module, higher_is_better, load_dataset
 from kvbench.device import device_model
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
+from kvbench.model_access import batch_dependent_rope
 from kvbench.models import ModelSpec, load_config, load_model, max_length, model_inputs, resolve_device, resolve_dtype
 from kvbench.presses import build_press
-from kvbench.results import SPEED_COLUMNS, RunDirectory, identity_apart_from, run_identity, run_name
+from kvbench.results import SPEED_COLUMNS, RunDirectory, identity_apart_from, identity_difference, run_identity, run_name
 from kvbench.tracking import check_logger
 
 log = logging.getLogger("kvbench")
@@ -405,28 +406,7 @@ def summarize_speed(predictions: pd.DataFrame) -> dict:
     return speed
 
 
-# What a run may differ in from the no_press run it is compared with: the press and how much it removes, and
-# query-awareness (which means nothing without compression).
-BASELINE_FREE_KEYS = ("press", "compression_ratio", "budget", "query_aware")
 PREFILL_FREE_KEYS = ("press", "compression_ratio", "budget")
-
-
-def _baseline_metrics(cfg: DictConfig, identity: dict) -> dict | None:
-    """The finished no_press run of the same windows, found by its recorded identity, not by its name.
-
-    A name carries the press' own parameters (``press.clustering=kmeans``) and may end in a digest, neither of which
-    the baseline's name shares; and an equal name says nothing of the versions, dtype or device that computed it.
-    So the baseline is any complete no_press run of this dataset and model whose identity equals this run's apart
-    from ``BASELINE_FREE_KEYS``; none, and the run records no comparison rather than a wrong one.
-    """
-    wanted = identity_apart_from(identity, BASELINE_FREE_KEYS)
-    prefix = run_name(cfg.dataset.name, cfg.model.name, "no_press", 0.0)
-    for path in sorted(Path(cfg.output_dir).glob(glob.escape(prefix) + "*")):
-        candidate = RunDirectory(cfg.output_dir, path.name)
-        recorded = candidate.recorded_identity()
-        if recorded and candidate.is_complete() and identity_apart_from(recorded, BASELINE_FREE_KEYS) == wanted:
-            return candidate.metrics()
-    return None
 
 
 def expected_identity(cfg: DictConfig, *, name_device: bool = True) -> dict:
@@ -513,8 +493,13 @@ def execute_many(configs: list[tuple[DictConfig, str]]) -> list[dict | KVBenchEr
         raise KVBenchError("execute_many takes configurations that differ only in press, compression_ratio and budget; "
                            "group the others apart (the shared_prefill launcher does)")
     unique: dict[Path, Job] = {}
-    for job in jobs.values():
-        unique.setdefault(job.where, job)  # the first of the configurations sharing a directory computes it
+    for i, job in list(jobs.items()):
+        first = unique.setdefault(job.where, job)  # the first of the configurations sharing a directory computes it
+        diff = identity_difference(first.identity, job.identity)
+        if diff:  # one name for two setups (a ratio past the name's 6 decimals): one result cannot stand for both
+            outcomes[i] = KVBenchError(f"{job.directory.path} is also the directory of another configuration of this sweep "
+                                       f"({'; '.join(diff[:6])}); their names cannot tell them apart, so run them apart")
+            del jobs[i]
     results: dict[Path, dict | KVBenchError] = {}
     held = []
     try:
@@ -546,6 +531,11 @@ def _compute(jobs: list[Job]) -> dict[Path, dict]:
     start = time.perf_counter()
     cfg = jobs[0].cfg
     model, tokenizer = get_model(cfg, cfg.device)
+    rope = batch_dependent_rope(model)
+    if rope and int(cfg.get("batch_size", 1)) > 1:
+        raise KVBenchError(f"batch_size={cfg.batch_size} cannot run {cfg.model.name_or_path}: its '{rope}' RoPE takes its "
+                           f"frequencies from the longest context of a batch, so batching would change the shorter ones' "
+                           f"numbers; use batch_size=1")
     torch.manual_seed(int(cfg.seed))
     for job in jobs:
         # The model's actual dtype and device are what count.
@@ -591,14 +581,20 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
         device=str(ctx.model.device),
         device_name=job.identity["device_name"],
     )
-    if kind == "perplexity" and cfg.press.name != "no_press" and hasattr(scorer, "compare_to_baseline"):
-        baseline = _baseline_metrics(cfg, job.identity)
-        if baseline is not None:
-            metrics.update(scorer.compare_to_baseline(metrics, baseline))
-    staging = job.directory.staging()
-    if hasattr(scorer, "write_artifacts"):
-        scorer.write_artifacts(predictions, staging)
-    path = job.directory.finalize(staging, predictions, metrics, recorded_config(cfg), job.identity, overwrite=bool(cfg.overwrite))
+    compared = kind == "perplexity" and hasattr(scorer, "compare_to_baseline")
+    with baseline.comparison_lock(cfg) if compared else nullcontext():
+        if compared and cfg.press.name != "no_press":
+            reference = baseline.baseline_metrics(cfg, job.identity)
+            if reference is not None:
+                metrics.update(scorer.compare_to_baseline(metrics, reference))
+        staging = job.directory.staging()
+        if hasattr(scorer, "write_artifacts"):
+            scorer.write_artifacts(predictions, staging)
+        path = job.directory.finalize(staging, predictions, metrics, recorded_config(cfg), job.identity,
+                                      overwrite=bool(cfg.overwrite))
+        if compared and cfg.press.name == "no_press":
+            for name in baseline.fill_in_comparisons(cfg, job.identity, metrics, scorer.compare_to_baseline):
+                print(f"[kvbench] {name}: compared with this no_press run, which finished after it")
     if job.logger == "wandb":
         from kvbench.tracking import log_run
 

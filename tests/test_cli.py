@@ -280,3 +280,31 @@ def test_a_press_with_its_own_parameters_is_compared_with_the_baseline_of_its_wi
     assert knorm.returncode == 0, knorm.stderr[-2000:]
     (knorm_dir,) = [p for p in complete_dirs(out) if "__knorm__" in p.name]
     assert "no_press_perplexity" not in json.loads((knorm_dir / "metrics.json").read_text())
+
+
+@pytest.mark.integration
+def test_batching_a_model_whose_rope_follows_the_longest_context_is_refused(tmp_path, books):
+    """Dynamic NTK (and LongRoPE) take their frequencies from the longest context of a batch: batch_size > 1 is
+    refused in one line before anything is written, and the same run at batch size 1 goes through."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvbench.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    model_dir = tmp_path / "tiny-dynamic"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "results"
+    args = pg19_args(books, out, "press=knorm", "dataset.max_windows_per_book=2", f"model.name_or_path={model_dir}",
+                     "model.name=tiny-dynamic")
+    refused = kvbench(*args, "batch_size=2", env={"HF_HUB_OFFLINE": "1"})
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode != 0 and len(errors) == 1, refused.stderr[-2000:]
+    assert "'dynamic' RoPE" in errors[0] and "use batch_size=1" in errors[0]
+    assert complete_dirs(out) == [] and not (out / ".partial").exists()
+    alone = kvbench(*args, env={"HF_HUB_OFFLINE": "1"})
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert len(complete_dirs(out)) == 1

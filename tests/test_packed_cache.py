@@ -186,3 +186,85 @@ def test_the_cpu_and_cuda_paths_over_a_packed_block_agree():
     torch.testing.assert_close(out_a, out_b)
     torch.testing.assert_close(lse_a, lse_b)
     assert torch.isinf(lse_a[1, 2]).all() and (out_a[1, 2] == 0).all()
+
+
+def _flash_varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, return_attn_probs=False):
+    """flash-attn 2's ``flash_attn_varlen_func`` as its kernel behaves, in plain PyTorch: the log-sum-exp comes back
+    [heads, total_q] in fp32, and a sequence without keys gets output 0 and log-sum-exp +inf (the kernel's early
+    exit)."""
+    total_q, heads, _ = q.shape
+    out = torch.zeros(total_q, heads, v.shape[-1], dtype=q.dtype)
+    lse = torch.full((heads, total_q), float("inf"))
+    for i in range(len(cu_q) - 1):
+        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if ke > ks:
+            logits = torch.einsum("qhd,kd->hqk", q[qs:qe].float(), k[ks:ke, 0].float()) * softmax_scale
+            lse[:, qs:qe] = logits.logsumexp(-1)
+            out[qs:qe] = torch.einsum("hqk,kd->qhd", logits.softmax(-1), v[ks:ke, 0].float()).to(q.dtype)
+    return out, lse, None
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("group", [1, 3])
+def test_the_flash_path_attends_as_the_cpu_path(q_len, group, monkeypatch):
+    """The glue around flash-attn's variable-length kernel (query layout, its [heads, total_q] log-sum-exp, +inf
+    for a head that kept nothing), checked on the CPU against a stand-in that behaves as the kernel does: a
+    decoding step (one query row) with GQA, and an empty head, attend as the CPU path does, with no NaN."""
+    import sys
+    import types
+
+    from kvbench.compression import packed_attention
+    from kvbench.compression.cache import pack_layer
+
+    generator = torch.Generator().manual_seed(0)
+    b, kv, n, d = 2, 3, 20, 8
+    kept = torch.rand(b, kv, n, generator=generator) < 0.5
+    kept[1, 2] = False  # a head that kept nothing
+    layer = pack_layer(torch.randn(b, kv, n, d, generator=generator), torch.randn(b, kv, n, d, generator=generator), kept, n)
+    layer.update(torch.randn(b, kv, q_len, d, generator=generator), torch.randn(b, kv, q_len, d, generator=generator))
+    module = types.SimpleNamespace(_kvbench_packed_layer=layer)
+    query = torch.randn(b, kv * group, q_len, d, generator=generator)
+    monkeypatch.setattr(packed_attention, "_use_flash", lambda *args: False)
+    expected, _ = packed_attention.packed_attention_forward(module, query, layer.keys, layer.values, None, scaling=d**-0.5)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=_flash_varlen_stand_in))
+    monkeypatch.setattr(packed_attention, "_use_flash", lambda *args: True)
+    got, _ = packed_attention.packed_attention_forward(module, query, layer.keys, layer.values, None, scaling=d**-0.5)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_question_is_answered_from_the_prefill_output_alone_and_in_a_batch():
+    """A query-aware prompt without template or answer prefix has nothing left to feed after the context: its first
+    token is the prefill's own prediction (what ``generate`` does), alone and batched with a context that has a
+    question, and the uncompressed answer is plain greedy decoding of the context."""
+    model = tiny_model("llama")
+    context = _ids(40, 7)
+    empty = Prompt(context, [context[:, :0]])
+    with torch.no_grad():
+        ids, expected = context, []
+        for _ in range(6):
+            expected.append(int(model(input_ids=ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[expected[-1]]])], dim=-1)
+    assert answer_prompts(model, Tok(), [empty], [kvbench.build_press("no_press")], [[6]])[0][0].answers[0].token_ids == expected
+    other = Prompt(_ids(25, 8), [_ids(3, 9)])
+    for name in ["no_press", "snapkv", "adakv_snapkv"]:
+        press = kvbench.build_press(name, compression_ratio=0.5)
+        alone = answer_prompts(model, Tok(), [empty], [press], [[6]])[0][0].answers[0].token_ids
+        batched = answer_prompts(model, Tok(), [other, empty], [press], [[6], [6]])[0]
+        assert batched[1].answers[0].token_ids == alone
+        assert batched[0].answers[0].token_ids == answer_prompts(model, Tok(), [other], [press], [[6]])[0][0].answers[0].token_ids
+
+
+def test_a_prefill_shared_by_several_presses_records_no_peak_memory(monkeypatch):
+    """The shared prefill held every press' cache at once: its peak is none of theirs, so none is recorded (a device
+    that measures peaks is stood in for by a fixed figure)."""
+    from kvbench import generation
+
+    monkeypatch.setattr(generation, "peak_memory_bytes", lambda device: 123)
+    model = tiny_model("llama")
+    prompt = Prompt(_ids(48, 1), [_ids(3, 2)])
+    presses = [kvbench.build_press(name, compression_ratio=0.5) for name in ("knorm", "snapkv")]
+    assert answer_prompts(model, Tok(), [prompt], presses[:1], [[2]])[0][0].peak_memory_bytes == 123
+    assert [runs[0].peak_memory_bytes for runs in answer_prompts(model, Tok(), [prompt], presses, [[2]])] == [None, None]
+    assert continuations_nll(model, [prompt.context_ids], prompt.question_ids, presses[:1])[0][0][2].peak_memory_bytes == 123
+    assert [runs[0][2].peak_memory_bytes for runs in continuations_nll(model, [prompt.context_ids], prompt.question_ids, presses)] == [None, None]

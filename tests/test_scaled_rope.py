@@ -11,7 +11,7 @@ import torch
 
 from kvbench import model_access
 from kvbench.compression import rerotate, rotary_tables
-from kvbench.generation import prefill
+from kvbench.generation import continuations_nll, prefill
 from kvbench.presses import build_press
 from tests.test_clustering import capture_states
 from tests.tiny_models import tiny_model
@@ -82,3 +82,27 @@ def test_future_positions_leave_dynamic_rope_as_the_model_had_it():
     seen, _ = rotary_tables(rotary, like, future)
     torch.testing.assert_close(seen, fresh(like, future)[0])
     assert fresh.max_seq_len_cached > before[1] and rotary.max_seq_len_cached == before[1]
+
+
+def test_a_window_scores_the_same_whatever_the_process_computed_before_it_on_dynamic_rope():
+    """Dynamic NTK keeps the frequencies of the longest position it was asked for: a window scored after a longer one,
+    or by the second press of a shared prefill (after the first press teacher-forced past the context), would be
+    rotated with grown frequencies. Every prefill starts from the model's state as loaded, and every press from the
+    state the prefill left."""
+    model = tiny_model("llama_dynamic")  # trained on 64 positions
+    generator = torch.Generator().manual_seed(0)
+    context, longer = torch.randint(3, 256, (1, 100), generator=generator), torch.randint(3, 256, (1, 150), generator=generator)
+    continuation = torch.randint(3, 256, (1, 12), generator=generator)
+    press = build_press("knorm", compression_ratio=0.5)
+    (first, *_), = continuations_nll(model, [context], [continuation], [press])[0]
+    continuations_nll(model, [longer], [continuation], [press])
+    (again, *_), = continuations_nll(model, [context], [continuation], [press])[0]
+    assert again == pytest.approx(first, rel=1e-7)
+    shared = continuations_nll(model, [context], [continuation], [build_press("snapkv", compression_ratio=0.5), press])
+    assert shared[1][0][0] == pytest.approx(first, rel=1e-7)
+
+
+def test_batching_is_refused_where_the_rope_follows_the_batchs_longest_context():
+    assert model_access.batch_dependent_rope(tiny_model("llama_dynamic")) == "dynamic"
+    assert model_access.batch_dependent_rope(tiny_model("llama_yarn")) is None
+    assert model_access.batch_dependent_rope(tiny_model("llama")) is None

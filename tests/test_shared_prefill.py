@@ -264,3 +264,35 @@ def test_a_sweep_over_output_dirs_writes_every_directory_with_the_normalised_con
         config = OmegaConf.load(out / name / "config.yaml")
         assert config.compression_ratio == 0.0
         assert json.loads((out / name / "identity.json").read_text())["config"]["compression_ratio"] == 0.0
+
+
+@pytest.mark.integration
+def test_runs_finishing_before_their_baseline_are_compared_with_it(tmp_path):
+    """A compressed perplexity run that finishes before its no_press run (listed before it in a job-by-job sweep, or
+    in another worker's chunk of a group split over workers) gets its comparison once the baseline finishes."""
+    sweep = [*PG19, "dataset.context_length=128", "compression_ratio=0.5"]
+    kvbench_sweep(tmp_path / "first", BASIC, *sweep, "press=no_press,knorm,snapkv")
+    result, _ = kvbench_sweep(tmp_path / "last", BASIC, *sweep, "press=knorm,snapkv,no_press")
+    assert result.stdout.count("compared with this no_press run, which finished after it") == 2
+    kvbench_sweep(tmp_path / "split", SHARED, "hydra.launcher.n_jobs=2", *sweep, "press=no_press,knorm,snapkv")
+    expected = {name: metrics(run) for name, run in runs(tmp_path / "first").items() if "__no_press__" not in name}
+    assert len(expected) == 2
+    for out in ("last", "split"):
+        for name, solo in expected.items():
+            got = metrics(runs(tmp_path / out)[name])
+            for key in ("no_press_perplexity", "delta", "ratio"):
+                assert got[key] == pytest.approx(solo[key], rel=1e-5), (out, name, key)
+
+
+@pytest.mark.integration
+def test_two_configurations_naming_one_directory_do_not_share_its_result(tmp_path):
+    """Ratios that differ past the six decimals of a directory name: the second configuration is refused, as a job-by-job
+    sweep refuses it, instead of reporting the first one's result as its own."""
+    out = tmp_path / "shared"
+    result, _ = kvbench_sweep(out, SHARED, *PG19, "dataset.context_length=128", "press=knorm",
+                              "compression_ratio=0.1234561,0.1234564", check=False)
+    assert result.returncode != 0
+    assert "is also the directory of another configuration of this sweep (config.compression_ratio: 0.1234561 -> " \
+           "0.1234564)" in result.stderr
+    (run,) = runs(out).values()
+    assert json.loads((run / "identity.json").read_text())["config"]["compression_ratio"] == 0.1234561

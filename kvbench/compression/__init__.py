@@ -120,21 +120,13 @@ def rotary_tables(rotary: nn.Module, like: torch.Tensor, positions: torch.Tensor
 
     Dynamic RoPE grows its frequencies for good once asked for a position past what it has cached, and LongRoPE
     switches its factors by the largest position asked for: a press looking 512 positions ahead would otherwise
-    change the rotations the model's own decoding uses. Its buffers and plain attributes are put back afterwards,
-    the buffers in place (their storage stays the one the model holds).
+    change the rotations the model's own decoding uses. Its state is put back afterwards (``RotaryState``).
     """
-    buffers = {name: (tensor, tensor.clone()) for name, tensor in rotary._buffers.items() if tensor is not None}
-    plain = {k: v for k, v in vars(rotary).items() if not k.startswith("_")}
+    state = model_access.RotaryState([rotary])
     try:
         return rotary(like, positions)
     finally:
-        for name, (tensor, saved) in buffers.items():
-            if rotary._buffers.get(name) is not tensor:
-                rotary._buffers[name] = tensor
-            tensor.copy_(saved)
-        for key in [k for k in vars(rotary) if not k.startswith("_") and k not in plain]:
-            delattr(rotary, key)  # attributes the call added (LongRoPE's cached long factors) are dropped again
-        vars(rotary).update(plain)
+        state.restore()
 
 
 def _compressed_layer(press: Press, state: LayerState, layout: str) -> CompressedLayer | PackedLayer:
