@@ -10,9 +10,6 @@ split over GPUs, a press listed before no_press) cannot both miss each other.
 from __future__ import annotations
 
 import glob
-import json
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -40,7 +37,7 @@ def comparison_lock(cfg: DictConfig) -> Iterator[None]:
 
 def _runs(cfg: DictConfig, press: str = "") -> list[RunDirectory]:
     """The complete runs of this dataset and model in the output directory (of one press when ``press`` is given)."""
-    head = f"{run_prefix(cfg.dataset.name, cfg.model.name)}__{press}__" if press else f"{run_prefix(cfg.dataset.name, cfg.model.name)}__"
+    head = f"{run_prefix(cfg.dataset.name, cfg.model.name)}__" + (f"{press}__" if press else "")
     runs = [RunDirectory(cfg.output_dir, path.name) for path in sorted(Path(cfg.output_dir).glob(glob.escape(head) + "*"))]
     return [run for run in runs if run.is_complete()]
 
@@ -73,18 +70,6 @@ def fill_in_comparisons(cfg: DictConfig, identity: dict, baseline: dict, compare
         metrics = run.metrics()
         if COMPARISON_KEY in metrics or identity_apart_from(recorded, BASELINE_FREE_KEYS) != wanted:
             continue
-        _replace_json(run.path / "metrics.json", {**metrics, **compare(metrics, baseline)})
+        run.add_metrics(compare(metrics, baseline))
         filled.append(run.name)
     return filled
-
-
-def _replace_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, default=str) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -15,7 +15,6 @@ import torch
 from transformers import DynamicCache
 
 from kvbench import model_access
-from kvbench.model_access import RotaryState, fresh_rotary_state
 from kvbench.compression import CompressionStats, Target, compress_into
 from kvbench.compression.cache import kv_bytes, stored_lengths, truncate
 from kvbench.device import peak_memory_bytes, reset_peak_memory, synchronize
@@ -195,7 +194,7 @@ class Prefilled:
     last_hidden: torch.Tensor  # [batch, 1, hidden]: each context's last real position
     lengths: list[int]
     rerotated: list[bool]
-    rotary: RotaryState  # the rotary state right after the prefill: each press decodes from it
+    rotary: model_access.RotaryState  # the rotary state right after the prefill: each press decodes from it
 
     def decoding(self, index: int) -> DynamicCache:
         """Press ``index``'s cache, with the model's rotary state put back to where the prefill left it (dynamic
@@ -233,7 +232,7 @@ def prefill_many(model, contexts: list[torch.Tensor], presses: list[Press], layo
     cache = DynamicCache(config=model.config)
     solo = len(presses) == 1
     targets = [Target(p, None if solo else DynamicCache(config=model.config)) for p in presses]
-    fresh_rotary_state(model).restore()
+    model_access.fresh_rotary_state(model).restore()
     synchronize(device)
     start = time.perf_counter()
     with compress_into(model, targets, lengths=lengths if batched else None, layout=layout):
@@ -248,7 +247,7 @@ def prefill_many(model, contexts: list[torch.Tensor], presses: list[Press], layo
         last_hidden=out.last_hidden_state[torch.arange(len(lengths), device=device), last][:, None],
         lengths=lengths,
         rerotated=[p.rerotates_keys for p in presses],
-        rotary=RotaryState.of(model),
+        rotary=model_access.RotaryState.of(model),
     )
 
 

@@ -258,6 +258,11 @@ class RunDirectory:
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text())
 
+    def add_metrics(self, extra: dict) -> None:
+        """Merge ``extra`` into a complete run's ``metrics.json``, replaced whole. The caller holds a lock that
+        every writer of this directory's metrics takes (``kvbench.baseline.comparison_lock``)."""
+        atomic.replace_file(self.path / "metrics.json", _json_text({**self.metrics(), **extra}))
+
     def recorded_identity(self) -> dict | None:
         return _read_json(self.path / IDENTITY_FILE)
 
