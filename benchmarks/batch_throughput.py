@@ -66,8 +66,8 @@ def main() -> None:
         get_model(first_cfg, first_cfg.device)  # loaded once, outside the timings (execute reuses it)
         print(f"{' '.join(overrides)}")
         print(f"{'batch_size':>10}{'samples':>9}{'wall s':>9}{'samples/s':>11}{'speed-up':>10}  outputs")
-        reference, base = None, None
-        for batch_size in args.batch_sizes:
+        reference, base, failed = None, None, []
+        for batch_size in dict.fromkeys(args.batch_sizes):  # a repeated size would reuse its own finished run
             out = Path(tmp) / f"b{batch_size}"
             cfg = _config(overrides, batch_size, out)
             start = time.perf_counter()
@@ -80,6 +80,10 @@ def main() -> None:
                 same = _agreement(outputs, reference)
             rate = len(outputs) / seconds
             print(f"{batch_size:>10}{len(outputs):>9}{seconds:>9.1f}{rate:>11.3f}{base / seconds:>9.2f}x  {same}")
+            if same.startswith("DIFFER"):
+                failed.append(batch_size)
+    if failed:
+        sys.exit(f"error: batch_size {', '.join(map(str, failed))} did not answer as batch_size {args.batch_sizes[0]} did")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 import kvbench
 from kvbench.benchmark import model_source
+from kvbench.device import synchronize
 from kvbench.errors import KVBenchError
 from kvbench.generation import prefill
 from kvbench.presses import criticalkv, selection
@@ -52,8 +53,11 @@ def replay(calls: list[tuple], share: float) -> tuple[float, list[torch.Tensor]]
     """Seconds of stage two over all recorded layers with ``PRUNE_SLOT_SHARE = share``, and each layer's kept mask."""
     default, criticalkv.PRUNE_SLOT_SHARE = criticalkv.PRUNE_SLOT_SHARE, share
     try:
+        device = calls[0][0].device
+        synchronize(device)
         start = time.perf_counter()
         outputs = [criticalkv.stage_two_scores(*call) for call in calls]
+        synchronize(device)
         seconds = time.perf_counter() - start
     finally:
         criticalkv.PRUNE_SLOT_SHARE = default

@@ -4,6 +4,8 @@ refused before anything is written, and the memory-bound arithmetic matches a re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -12,6 +14,7 @@ from kvbench.benchmark import bound
 from kvbench.benchmark.__main__ import main
 from kvbench.benchmark.configs import RANDOM_CONFIGS
 from kvbench.benchmark.model_source import resolve_source
+from kvbench.benchmark.speed import BenchmarkOptions, plan
 from tests.tiny_models import tiny_model
 
 COLUMNS = {"context_length", "press", "ratio", "prefill_seconds", "compression_seconds", "ttft_seconds",
@@ -98,6 +101,9 @@ def test_llama_8b_figures():
     (["--ratios", "half"], "comma-separated floats"),
     (["--context-lengths", "2048"], "above the model's max_position_embeddings=1024"),
     (["--decode-tokens", "1"], "at least 2"),
+    (["--context-lengths", "1020", "--decode-tokens", "8"], "reaches position 1027, above the model's max_position_embeddings=1024"),
+    (["--presses", "snapkv,observed_attention"], "press 'observed_attention' needs the attention weights"),
+    (["--out", str(Path(__file__))  + "/out"], "is a file; give a folder"),
 ])
 def test_bad_input_refused_before_writing(tiny_config, tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -133,3 +139,11 @@ def test_shipped_smollm2_config_is_the_packaged_models_architecture():
     assert {f: getattr(shipped, f) for f in fields} == {f: getattr(packaged, f) for f in fields}
     assert shipped.rope_parameters["rope_theta"] == packaged.rope_parameters["rope_theta"]
     assert shipped.rms_norm_eps == pytest.approx(packaged.rms_norm_eps)
+
+
+def test_each_row_is_planned_once_and_no_press_first():
+    """Repeated lengths, presses and ratios are one row each, and no_press is measured before the pairs that
+    compress nothing reuse it."""
+    jobs = plan(BenchmarkOptions(context_lengths=(96, 96), presses=("snapkv", "no_press", "snapkv"), ratios=(0.0, 0.5, 0.5)))
+    assert [(job.context_length, job.press_name, job.ratio) for job in jobs] == [(96, "no_press", 0.0), (96, "snapkv", 0.0),
+                                                                               (96, "snapkv", 0.5)]

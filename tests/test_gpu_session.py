@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -102,3 +103,23 @@ def test_a_random_model_folder_refuses_a_tokenizer_larger_than_its_vocabulary(tm
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: the tokenizer in ") and "embeds only 256" in done.stderr
     assert not (tmp_path / "model").exists()
+
+
+def test_batch_throughput_fails_when_a_batch_answers_otherwise(monkeypatch, tmp_path, capsys):
+    """A batch size whose predictions differ from the first one's ends the script with an error (the GPU session
+    then logs the step as failed), and a repeated batch size is measured once, not compared with its own run."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import batch_throughput
+
+    answers = {1: ["a", "b"], 2: ["a", "c"]}
+    ran = []
+    monkeypatch.setattr(batch_throughput, "get_model", lambda cfg, device: None)
+    monkeypatch.setattr(batch_throughput, "_config", lambda overrides, size, out: SimpleNamespace(size=size, device="cpu"))
+    monkeypatch.setattr(batch_throughput, "execute", lambda cfg: ran.append(cfg.size))
+    monkeypatch.setattr(batch_throughput, "_outputs",
+                        lambda out: pd.DataFrame({"sample_id": [0, 1], "prediction": answers[int(out.name[1:])]}))
+    monkeypatch.setattr(sys, "argv", ["batch_throughput.py", "--batch-sizes", "1", "2", "2"])
+    with pytest.raises(SystemExit) as exited:
+        batch_throughput.main()
+    assert "batch_size 2 did not answer as batch_size 1 did" in str(exited.value.code)
+    assert ran == [1, 2] and "DIFFER: 1 predictions" in capsys.readouterr().out

@@ -62,9 +62,10 @@ def check_options(options: BenchmarkOptions, model_max_length: int | None) -> No
     for length in options.context_lengths:
         if length <= QUESTION_TOKENS:
             raise KVBenchError(f"context length {length} is too short: it must exceed the {QUESTION_TOKENS} question tokens")
-        if model_max_length is not None and length > model_max_length:
-            raise KVBenchError(f"context length {length} is above the model's max_position_embeddings={model_max_length}; "
-                               f"drop it from --context-lengths")
+        if model_max_length is not None and length + options.decode_tokens - 1 > model_max_length:
+            raise KVBenchError(f"context length {length} with {options.decode_tokens} decoded tokens reaches position "
+                               f"{length + options.decode_tokens - 1}, above the model's max_position_embeddings="
+                               f"{model_max_length}; drop it from --context-lengths or lower --decode-tokens")
     for ratio in options.ratios:
         if not 0.0 <= ratio < 1.0:
             raise KVBenchError(f"ratio {ratio:g} is outside [0, 1): a ratio is the fraction of context KV pairs removed")
@@ -74,19 +75,25 @@ def check_options(options: BenchmarkOptions, model_max_length: int | None) -> No
         raise KVBenchError(f"--repeats must be at least 1, got {options.repeats}")
     if options.bandwidth_gbps is not None and options.bandwidth_gbps <= 0:
         raise KVBenchError(f"--bandwidth-gbps must be positive, got {options.bandwidth_gbps:g}")
-    if options.out.exists() and not options.out.is_dir():
-        raise KVBenchError(f"--out {options.out} is a file; give a folder for the CSV and plots")
+    existing = next(path for path in (options.out, *options.out.parents) if path.exists())
+    if not existing.is_dir():
+        raise KVBenchError(f"--out {options.out}: {existing} is a file; give a folder for the CSV and plots")
 
 
 def plan(options: BenchmarkOptions) -> list[Job]:
-    """Every row to measure (press names and parameters checked here). ``no_press`` ignores the ratio, so it
-    gets one row per context length, at r = 0."""
+    """Every row to measure, once each (press names and parameters checked here). ``no_press`` ignores the ratio,
+    so it gets one row per context length, at r = 0, measured first: pairs that compress nothing reuse it."""
+    names = sorted(dict.fromkeys(options.presses), key=lambda name: name != "no_press")
     jobs = []
-    for length in options.context_lengths:
-        for name in dict.fromkeys(options.presses):
+    for length in dict.fromkeys(options.context_lengths):
+        for name in names:
             ratios = (0.0,) if name == "no_press" else tuple(dict.fromkeys(options.ratios))
             for ratio in ratios:
-                jobs.append(Job(length, name, ratio, build_press(name, compression_ratio=ratio)))
+                press = build_press(name, compression_ratio=ratio)
+                if getattr(press, "needs_attention_weights", False) and options.attn != "eager":
+                    raise KVBenchError(f"press '{name}' needs the attention weights, which only eager attention returns; "
+                                       f"pass --attn eager or drop it from --presses")
+                jobs.append(Job(length, name, ratio, press))
     return jobs
 
 
