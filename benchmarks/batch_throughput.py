@@ -7,8 +7,9 @@ Usage: python benchmarks/batch_throughput.py [--batch-sizes 1 4] [--press adakv_
 Prints, per batch size, the wall seconds of ``kvbench.runner.execute`` (data, prefill, compression, decoding or
 teacher forcing, writing the result), samples per second and the speed-up over the first batch size, and
 checks the outputs against the first batch size's: every prediction (RULER, LongBench, needle) identical, every
-window's perplexity (PG-19) within 1e-5 relative. A faster batch that answers differently is not a speed-up. Each batch size writes into its own temporary
-output directory, removed afterwards.
+window's perplexity (PG-19) within 1e-5 relative. A faster batch that answers differently is not a speed-up: in
+float32 the script then exits with an error (in lower precisions a near-tie may flip, so it is only reported). Each
+batch size writes into its own temporary output directory, removed afterwards.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kvbench-batch-") as tmp:
         first_cfg = _config(overrides, args.batch_sizes[0], Path(tmp) / "warm")
-        get_model(first_cfg, first_cfg.device)  # loaded once, outside the timings (execute reuses it)
+        model, _ = get_model(first_cfg, first_cfg.device)  # loaded once, outside the timings (execute reuses it)
+        # float32 must answer as batch size 1 does; lower precisions may flip near-ties, which is only reported
+        strict = str(getattr(model, "dtype", "torch.float32")) == "torch.float32"
         print(f"{' '.join(overrides)}")
         print(f"{'batch_size':>10}{'samples':>9}{'wall s':>9}{'samples/s':>11}{'speed-up':>10}  outputs")
         reference, base, failed = None, None, []
@@ -80,7 +83,7 @@ def main() -> None:
                 same = _agreement(outputs, reference)
             rate = len(outputs) / seconds
             print(f"{batch_size:>10}{len(outputs):>9}{seconds:>9.1f}{rate:>11.3f}{base / seconds:>9.2f}x  {same}")
-            if same.startswith("DIFFER"):
+            if same.startswith("DIFFER") and strict:
                 failed.append(batch_size)
     if failed:
         sys.exit(f"error: batch_size {', '.join(map(str, failed))} did not answer as batch_size {args.batch_sizes[0]} did")

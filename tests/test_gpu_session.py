@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import torch
 
 from kvbench.datasets.austen import ensure_austen
 from kvbench.models import load_tokenizer
@@ -113,7 +114,7 @@ def test_batch_throughput_fails_when_a_batch_answers_otherwise(monkeypatch, tmp_
 
     answers = {1: ["a", "b"], 2: ["a", "c"]}
     ran = []
-    monkeypatch.setattr(batch_throughput, "get_model", lambda cfg, device: None)
+    monkeypatch.setattr(batch_throughput, "get_model", lambda cfg, device: (SimpleNamespace(dtype=torch.float32), None))
     monkeypatch.setattr(batch_throughput, "_config", lambda overrides, size, out: SimpleNamespace(size=size, device="cpu"))
     monkeypatch.setattr(batch_throughput, "execute", lambda cfg: ran.append(cfg.size))
     monkeypatch.setattr(batch_throughput, "_outputs",
