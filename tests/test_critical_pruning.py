@@ -125,3 +125,64 @@ def test_the_upper_bound_sits_on_the_norm_when_values_have_one_dimension():
     weight = criticalkv.grouped_output_weight(state).flatten(2)
     ratio = criticalkv.norm_upper_bound(state.values.float(), weight, 3) / _exact_norms(state).float()
     assert float(ratio.min()) >= 1 and float(ratio.max()) < 1 + 2 * criticalkv.BOUND_SLACK
+
+
+def _same_as_every_norm(press, scores, state, monkeypatch) -> bool:
+    """The press keeps, with every head pruning, the tokens it keeps with every norm computed."""
+    n_kept, seq_len = press.n_kept(scores.shape[-1]), scores.shape[-1]
+
+    def kept() -> torch.Tensor:
+        chosen = press.select(scores, state, n_kept)
+        return chosen.mask if chosen.mask is not None else selection.mask_from_indices(chosen.indices, seq_len)
+
+    monkeypatch.setattr(criticalkv, "PRUNE_SLOT_SHARE", 0.0)
+    plain = kept()
+    monkeypatch.setattr(criticalkv, "PRUNE_SLOT_SHARE", 1.0)
+    return bool(torch.equal(kept(), plain))
+
+
+@pytest.mark.parametrize("seq_len,ratio", [(8, 0.75), (64, 0.9)])
+@pytest.mark.parametrize("press_cls", [CriticalKVPress, CriticalAdaKVPress])
+def test_zero_values_on_the_tokens_that_weight_the_bound_keep_it_valid(seq_len, ratio, press_cls, monkeypatch):
+    """The bound's column weights come from every 8th token; when those values are all zero (one token of a short
+    context), equal weights stand in, where a near-zero floor made every bound NaN and pruning dropped the best
+    tokens."""
+    state = _state(1, 2, 2, seq_len)
+    state.values[:, :, :: criticalkv.WEIGHT_SAMPLE_STRIDE] = 0
+    weight = criticalkv.grouped_output_weight(state).flatten(2)
+    upper = criticalkv.norm_upper_bound(state.values, weight, 2)
+    assert bool(torch.isfinite(upper).all()) and bool((upper >= _exact_norms(state).float()).all())
+    scores = _heavy_tailed_scores((1, 2, seq_len), torch.Generator().manual_seed(1), tail=1)
+    assert _same_as_every_norm(press_cls(compression_ratio=ratio), scores, state, monkeypatch)
+
+
+@pytest.mark.parametrize("value_scale,weight_scale", [(1e19, 1.0), (1e15, 1e3), (1e-25, 1e-3)])
+def test_the_bounds_hold_at_magnitudes_whose_squares_leave_fp32(value_scale, weight_scale, monkeypatch):
+    """The bounds square values and weights; scaled by powers of two first, they neither overflow (NaN bounds, no
+    pruning order) nor vanish (bounds below the norm)."""
+    state = _state(1, 2, 2, 200)
+    state.values.mul_(value_scale)
+    state.module.o_proj.weight.data.mul_(weight_scale)
+    weight = criticalkv.grouped_output_weight(state).flatten(2)
+    exact = _exact_norms(state).float()
+    upper = criticalkv.norm_upper_bound(state.values, weight, 2)
+    lower = criticalkv.norm_lower_bound(state.values, weight, 2)
+    assert bool(torch.isfinite(exact).all() & (exact > 0).all())
+    assert bool((upper >= exact).all()) and bool((lower <= exact).all()) and float((upper / exact).max()) < 2
+    scores = _heavy_tailed_scores((1, 2, 200), torch.Generator().manual_seed(2))
+    assert _same_as_every_norm(CriticalKVPress(compression_ratio=0.9), scores, state, monkeypatch)
+
+
+def test_the_lower_bound_allows_for_rounding_when_values_nearly_vanish_under_the_projection():
+    """A value almost orthogonal to W_O's columns has an L2 form made of rounding noise, far above its tiny true
+    norm: the lower bound (the best case of a negative score) subtracts that rounding instead of trusting it."""
+    generator = torch.Generator().manual_seed(0)
+    module = output_projection_module(1, 1, 64, 4, generator)
+    weight_t = module.o_proj.weight.detach().T  # [64, 4]: the row space of W_O^T has 4 dimensions of 64
+    null = torch.randn(200, 64, generator=generator)
+    null -= null @ weight_t @ torch.linalg.pinv(weight_t)
+    values = (null + 1e-5 * torch.randn(200, 4, generator=generator) @ weight_t.T)[None, None]
+    state = LayerState(module=module, layer_idx=0, hidden_states=torch.zeros(1, 200, 4), keys=values.clone(),
+                       values=values, cos=None, sin=None, rotary=None)
+    lower = criticalkv.norm_lower_bound(values, criticalkv.grouped_output_weight(state).flatten(2), 1)
+    assert bool((lower <= _exact_norms(state).float()).all())

@@ -68,20 +68,37 @@ def _row_norms(values: torch.Tensor, weight: torch.Tensor, group: int, block: to
     return out.div_(group)
 
 
-def _quadratic_form(values: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``v^T G v`` per row of ``values`` ``[n, L, d]`` (``gram`` ``[n, d, d]``, PSD), raised by a bound of its fp32
-    rounding error (relative to ``|v|^2 tr G``, which no cancellation can exceed). Plain ``bmm``: broadcast 4-d
-    matmuls take a path several times slower on CPU."""
-    form = torch.bmm(values, gram).mul_(values).sum(dim=-1).clamp_min_(0)
+def _quadratic_form(values: torch.Tensor, gram: torch.Tensor, rounding: int = 1) -> torch.Tensor:
+    """``v^T G v`` per row of ``values`` ``[n, L, d]`` (``gram`` ``[n, d, d]``, PSD), moved by a bound of its fp32
+    rounding error (relative to ``|v|^2 tr G``, which no cancellation can exceed): raised for ``rounding=1`` (an
+    upper bound), lowered for ``-1`` (a lower bound). Plain ``bmm``: broadcast 4-d matmuls take a path several
+    times slower on CPU."""
+    form = torch.bmm(values, gram).mul_(values).sum(dim=-1)
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1, keepdim=True)
-    return form.add_(values.square().sum(dim=-1).mul_(trace * 1e-5))
+    return form.add_(values.square().sum(dim=-1).mul_(trace * (1e-5 * rounding))).clamp_min_(0)
 
 
-def _per_head(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_head(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``values`` ``[b, kv_heads, L, d]`` as ``[b * kv_heads, L, d]`` and ``weight`` ``[kv_heads, d, m]`` repeated to
-    match, for plain ``bmm``."""
+    match, for plain ``bmm``; both scaled by powers of two to a largest magnitude in [0.5, 1), and the factor
+    ``[b * kv_heads, 1]`` that takes a norm of the scaled ones back. Powers of two scale without rounding, and the
+    squares the bounds take then neither overflow nor vanish, whatever the values' magnitude."""
     b, kv_heads, seq_len, d = values.shape
-    return values.reshape(b * kv_heads, seq_len, d), weight.expand(b, *weight.shape).reshape(b * kv_heads, d, -1)
+    rows, weight = values.reshape(b * kv_heads, seq_len, d), weight.expand(b, *weight.shape).reshape(b * kv_heads, d, -1)
+    rows, row_exponent = _scaled(rows)
+    weight, weight_exponent = _scaled(weight)
+    return rows, weight, torch.exp2(row_exponent + weight_exponent).view(-1, 1)
+
+
+def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[n, r, c]`` times ``2^-e`` and ``e`` ``[n, 1, 1]`` (float), with ``max |x| = m 2^e``, ``m`` in [0.5, 1),
+    per leading index; ``x`` itself and ``e = 0`` when every magnitude is already moderate (within 2^+-16: the
+    usual case, which then costs no copy)."""
+    largest = torch.maximum(x.amax(dim=(-2, -1), keepdim=True), -x.amin(dim=(-2, -1), keepdim=True))
+    exponent = torch.frexp(largest).exponent.float().clamp_(-125, 125)  # 2^-e stays a normal fp32 number
+    if not bool((exponent.abs() > 16).any()):
+        return x, torch.zeros_like(exponent)
+    return x * torch.exp2(-exponent), exponent
 
 
 def norm_upper_bound(values: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor:
@@ -90,25 +107,28 @@ def norm_upper_bound(values: torch.Tensor, weight: torch.Tensor, group: int) -> 
 
     For any positive column weights ``c``, ``||x||_1 <= sqrt(sum c) * sqrt(sum x_j^2 / c_j)`` (Cauchy-Schwarz), and
     ``sum x_j^2 / c_j = v^T (W diag(1/c) W^T) v``. With ``c_j`` the RMS of column ``j`` over the head's tokens the
-    bound is tight up to the shape of the coordinates' distribution (1.21-1.25x on the packaged model's values).
+    bound is tight up to the shape of the coordinates' distribution (1.21-1.25x on the packaged model's values);
+    where the sampled tokens are all zero, the weights are equal (plain Cauchy-Schwarz).
     """
-    rows, weight = _per_head(values, weight)
+    rows, weight, back = _per_head(values, weight)
     sample = rows[:, ::WEIGHT_SAMPLE_STRIDE]
     second_moment = torch.bmm(sample.transpose(-1, -2), sample).div_(sample.shape[-2])
     column_ms = torch.bmm(second_moment, weight).mul_(weight).sum(dim=-2)  # mean square of each projected column
     rms = column_ms.clamp_min_(0).sqrt_()
-    rms = rms.clamp_min(rms.amax(dim=-1, keepdim=True).clamp_min(1e-30) * 1e-6)  # strictly positive weights
+    largest = rms.amax(dim=-1, keepdim=True)
+    rms = torch.where(largest > 0, rms.clamp_min(largest * 1e-6), torch.ones_like(rms))  # strictly positive weights
     weighted_gram = torch.bmm(weight / rms[:, None, :], weight.transpose(-1, -2))
-    upper = _quadratic_form(rows, weighted_gram).mul_(rms.sum(dim=-1, keepdim=True)).sqrt_()
+    upper = _quadratic_form(rows, weighted_gram).mul_(rms.sum(dim=-1, keepdim=True)).sqrt_().mul_(back)
     return upper.view(values.shape[:-1]).mul_((1 + BOUND_SLACK) / group)
 
 
 def norm_lower_bound(values: torch.Tensor, weight: torch.Tensor, group: int) -> torch.Tensor:
     """A lower bound of ``||v W||_1 / group`` (shapes as ``norm_upper_bound``): ``||x||_1 >= ||x||_2 =
-    sqrt(v^T W W^T v)``. Only negative scores need it: their best case is the smallest norm."""
-    rows, weight = _per_head(values, weight)
+    sqrt(v^T W W^T v)``, less its rounding (a value nearly orthogonal to ``W``'s columns has a form of rounding
+    noise, far above its norm). Only negative scores need it: their best case is the smallest norm."""
+    rows, weight, back = _per_head(values, weight)
     gram = torch.bmm(weight, weight.transpose(-1, -2))
-    low = torch.bmm(rows, gram).mul_(rows).sum(dim=-1).clamp_min_(0).sqrt_()
+    low = _quadratic_form(rows, gram, rounding=-1).sqrt_().mul_(back)
     return low.view(values.shape[:-1]).mul_((1 - BOUND_SLACK) / group)
 
 
@@ -156,6 +176,8 @@ def stage_two_scores(scores: torch.Tensor, state: LayerState, stage_one: torch.T
         best_case = factor * norm_upper_bound(values, weight, group)
         if not bool((factor > 0).all()):
             best_case = torch.where(factor > 0, best_case, factor * norm_lower_bound(values, weight, group))
+        # a NaN or infinite best case (an infinite score times a zero bound, a norm past fp32) orders nothing
+        prune &= (torch.isfinite(best_case) | stage_one).all(dim=-1)
     block = values.new_empty(min(NORM_BLOCK, values.shape[-2]), weight.shape[-1])
     out = torch.full_like(factor, float("-inf"))
     for i in range(b):
