@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from hydra import compose, initialize_config_dir
 
 from _overrides import overrides_last
@@ -66,7 +67,7 @@ def main() -> None:
         first_cfg = _config(overrides, args.batch_sizes[0], Path(tmp) / "warm")
         model, _ = get_model(first_cfg, first_cfg.device)  # loaded once, outside the timings (execute reuses it)
         # float32 must answer as batch size 1 does; lower precisions may flip near-ties, which is only reported
-        strict = str(getattr(model, "dtype", "torch.float32")) == "torch.float32"
+        strict = model.dtype == torch.float32
         print(f"{' '.join(overrides)}")
         print(f"{'batch_size':>10}{'samples':>9}{'wall s':>9}{'samples/s':>11}{'speed-up':>10}  outputs")
         reference, base, failed = None, None, []

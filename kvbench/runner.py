@@ -30,7 +30,7 @@ from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
 from kvbench.model_access import batch_dependent_rope
 from kvbench.models import ModelSpec, load_config, load_model, max_length, model_inputs, resolve_device, resolve_dtype
-from kvbench.presses import build_press
+from kvbench.presses import build_press, check_attention
 from kvbench.results import SPEED_COLUMNS, RunDirectory, identity_apart_from, identity_difference, run_identity, run_name
 from kvbench.tracking import check_logger
 
@@ -165,9 +165,7 @@ def validate(cfg: DictConfig) -> None:
                            "to compare with the masked layout")
     check_config(cfg.dataset.name, cfg.dataset)
     press = build_press(cfg.press.name, **press_params(cfg))
-    if getattr(press, "needs_attention_weights", False) and cfg.model.get("attn_implementation", "sdpa") != "eager":
-        raise KVBenchError(f"press '{cfg.press.name}' needs the attention weights, which only eager attention returns; "
-                           f"set model.attn_implementation=eager")
+    check_attention(cfg.press.name, press, cfg.model.get("attn_implementation", "sdpa"), "set model.attn_implementation=eager")
     check_lengths(cfg)
 
 

@@ -21,7 +21,7 @@ from kvbench.compression.cache import kv_bytes
 from kvbench.device import device_model, peak_memory_bytes, reset_peak_memory
 from kvbench.errors import KVBenchError
 from kvbench.generation import greedy_decode, prefill
-from kvbench.presses import build_press
+from kvbench.presses import build_press, check_attention
 from kvbench.presses.base import Press
 
 QUESTION_TOKENS = 16  # prompt tokens after the compressed context (never compressed)
@@ -90,9 +90,7 @@ def plan(options: BenchmarkOptions) -> list[Job]:
             ratios = (0.0,) if name == "no_press" else tuple(dict.fromkeys(options.ratios))
             for ratio in ratios:
                 press = build_press(name, compression_ratio=ratio)
-                if getattr(press, "needs_attention_weights", False) and options.attn != "eager":
-                    raise KVBenchError(f"press '{name}' needs the attention weights, which only eager attention returns; "
-                                       f"pass --attn eager or drop it from --presses")
+                check_attention(name, press, options.attn, "pass --attn eager or drop it from --presses")
                 jobs.append(Job(length, name, ratio, press))
     return jobs
 

@@ -104,4 +104,11 @@ def build_press(name: str, **params: Any) -> Press:
     return entry.wrapper(press=inner, **{k: v for k, v in params.items() if k in wrapper_fields})
 
 
-__all__ = ["PRESSES", "build_press", "press_parameters", "Press", "LayerState"]
+def check_attention(name: str, press: Press, attn_implementation: str, remedy: str) -> None:
+    """Refuse a press that reads the attention weights under an attention that does not return them (only eager
+    does); ``remedy`` says how the caller's user selects eager attention."""
+    if getattr(press, "needs_attention_weights", False) and attn_implementation != "eager":
+        raise KVBenchError(f"press '{name}' needs the attention weights, which only eager attention returns; {remedy}")
+
+
+__all__ = ["PRESSES", "build_press", "check_attention", "press_parameters", "Press", "LayerState"]

@@ -80,8 +80,8 @@ def _quadratic_form(values: torch.Tensor, gram: torch.Tensor, rounding: int = 1)
 
 def _per_head(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``values`` ``[b, kv_heads, L, d]`` as ``[b * kv_heads, L, d]`` and ``weight`` ``[kv_heads, d, m]`` repeated to
-    match, for plain ``bmm``; both scaled by powers of two to a largest magnitude in [0.5, 1), and the factor
-    ``[b * kv_heads, 1]`` that takes a norm of the scaled ones back. Powers of two scale without rounding, and the
+    match, for plain ``bmm``, each rescaled where its magnitudes are extreme (``_scaled``), and the factor
+    ``[b * kv_heads, 1]`` that takes a norm of the rescaled ones back. Powers of two scale without rounding, and the
     squares the bounds take then neither overflow nor vanish, whatever the values' magnitude."""
     b, kv_heads, seq_len, d = values.shape
     rows, weight = values.reshape(b * kv_heads, seq_len, d), weight.expand(b, *weight.shape).reshape(b * kv_heads, d, -1)
