@@ -51,12 +51,22 @@ def pool_gpus(gpus: Any = None) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-def gpu_count(gpus: Any = None) -> int:
-    """``${kvbench.gpu_count:...}``: the launcher's n_jobs, one worker per GPU of the pool."""
+# What a sweep asking for a GPU launcher runs on a machine without GPUs.
+CPU_COUNTERPART = {
+    "joblib_gpus": "hydra/launcher=joblib hydra.launcher.n_jobs=<n>",
+    "shared_prefill_gpus": "hydra/launcher=shared_prefill (leaderboard.sh: leave out --launcher)",
+}
+
+
+def gpu_count(gpus: Any = None, launcher: str = "joblib_gpus") -> int:
+    """``${kvbench.gpu_count:<gpus>,<launcher>}``: the launcher's n_jobs, one worker per GPU of the pool.
+
+    With no GPU the sweep stops with one line naming the launcher's CPU counterpart: a resolver's exception would
+    reach the user as two pages of OmegaConf traceback."""
     pool = pool_gpus(gpus)
     if not pool:
-        raise ValueError("hydra/launcher=joblib_gpus found no GPU (CUDA_VISIBLE_DEVICES is empty or torch sees no CUDA "
-                         "device); on a CPU machine use hydra/launcher=joblib hydra.launcher.n_jobs=<n>")
+        _fail(f"hydra/launcher={launcher} found no GPU (CUDA_VISIBLE_DEVICES is empty or torch sees no CUDA device); "
+              f"on a CPU machine use {CPU_COUNTERPART.get(launcher, 'another launcher')}")
     return len(pool)
 
 
@@ -114,8 +124,8 @@ class GpuPool(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if os.getpid() == self.launching_pid:
-            _fail("the gpu_pool callback pins worker processes, but this job runs in the launching process: "
-                  "use it with hydra/launcher=joblib_gpus")
+            _fail("the gpu_pool callback pins worker processes, but this job runs in the launching process: use it "
+                  "with hydra/launcher=joblib_gpus, or shared_prefill_gpus with hydra.launcher.worker_processes=true")
         gpu = claim(self.pool, self.lock_dir, self.wait_seconds)
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         log.info("worker %d runs on GPU %s", os.getpid(), gpu)

@@ -444,9 +444,14 @@ def _prepare(cfg: DictConfig, variant: str) -> Job:
     validate(cfg)
     logger = check_logger(cfg)
     identity = expected_identity(cfg)
+    directory = result_directory(cfg, variant)
+    return Job(cfg, variant, directory.name, directory, identity, logger)
+
+
+def result_directory(cfg: DictConfig, variant: str = "") -> RunDirectory:
+    """Where a configuration's result goes: no_press at every ratio is the one directory of ratio 0."""
     ratio = 0.0 if cfg.press.name == "no_press" else float(cfg.compression_ratio)
-    name = run_name(cfg.dataset.name, cfg.model.name, cfg.press.name, ratio, variant)
-    return Job(cfg, variant, name, RunDirectory(cfg.output_dir, name), identity, logger)
+    return RunDirectory(cfg.output_dir, run_name(cfg.dataset.name, cfg.model.name, cfg.press.name, ratio, variant))
 
 
 def _acquire(job: Job) -> None:

@@ -118,6 +118,20 @@ def test_joblib_gpus_config_sizes_the_pool():
 # -- sweeps -----------------------------------------------------------------------------------------------
 
 @pytest.mark.integration
+@pytest.mark.parametrize("launcher, counterpart", [("joblib_gpus", "hydra/launcher=joblib "),
+                                                     ("shared_prefill_gpus", "hydra/launcher=shared_prefill ")])
+def test_gpu_launchers_without_a_gpu_stop_with_one_line(tmp_path, launcher, counterpart):
+    """The pool is sized by a config resolver, whose exception Hydra would print as two pages of traceback."""
+    pytest.importorskip("kvbench.gpu_pool", reason="the GPU launchers need kvbench/gpu_pool.py")
+    result = subprocess.run([sys.executable, "-m", "kvbench", "-m", f"hydra/launcher={launcher}", *TINY,
+                             f"output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"error: hydra/launcher={launcher} found no GPU") and counterpart in result.stderr
+    assert not any((tmp_path / "out").rglob("*.json"))
+
+
 def test_joblib_sweep_runs_each_job_in_a_worker_process(tmp_path):
     out = tmp_path / "results"
     main_pid, output = sweep(out, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,18 @@ def test_jobs_group_by_everything_but_press_and_ratio():
     assert len(plan(jobs, None, workers=10)) == 6
 
 
+def test_jobs_writing_one_directory_stay_in_one_chunk():
+    """no_press at three ratios is one result directory: split over chunks, a second worker would wait on the
+    first one's lock and then prefill its other jobs alone. Chunks count directories, not jobs."""
+    from hydra_plugins.kvbench_launchers.shared_prefill import SweepJob, plan
+
+    jobs = [SweepJob(idx, hydra_cfg(*PG19, "dataset.context_length=128", f"press={press}", f"compression_ratio={ratio}"))
+            for idx, (press, ratio) in enumerate((p, r) for p in ("no_press", "snapkv") for r in (0.25, 0.5, 0.75))]
+    assert [[job.idx for job in chunk] for chunk in plan(jobs, None, workers=3)] == [[0, 1, 2, 3], [4], [5]]
+    assert [[job.idx for job in chunk] for chunk in plan(jobs, 2)] == [[0, 1, 2, 3], [4, 5]]
+    assert [[job.idx for job in chunk] for chunk in plan(jobs, None, workers=6)] == [[0, 1, 2], [3], [4], [5]]
+
+
 # -- sweeps on the packaged model -----------------------------------------------------------------------------
 
 @pytest.mark.integration
@@ -219,6 +232,31 @@ def test_groups_spread_over_worker_processes(tmp_path):
     (launcher,) = {job["ppid"] for job in jobs}  # loky workers are children of the launching process
     assert first != second and launcher not in (first, second)
     assert sorted(prefills) == sorted([(first, 2)] * WINDOWS + [(second, 2)] * WINDOWS)
+
+
+class KillWorker(Callback):
+    """+hydra.callbacks.kill._target_=tests.test_shared_prefill.KillWorker +hydra.callbacks.kill.context_length=<n>:
+    the process running a job of that context length dies at the job's start, as the system's OOM killer ends it."""
+
+    def __init__(self, context_length: int) -> None:
+        self.context_length = int(context_length)
+
+    def on_job_start(self, config, **kwargs) -> None:
+        if config.dataset.get("context_length") == self.context_length:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.integration
+def test_a_dying_worker_stops_the_sweep_with_one_line(tmp_path):
+    """loky ends every worker when one dies and cannot say which group it ran: the sweep stops, and says in one
+    line what happened and that rerunning resumes (loky's own report is a page of traceback)."""
+    result, _ = kvbench_sweep(tmp_path / "shared", SHARED, "hydra.launcher.n_jobs=2", *PG19, "dataset.context_length=128,96",
+                              "press=knorm", "compression_ratio=0.5", "+hydra.callbacks.kill._target_=tests.test_shared_prefill.KillWorker",
+                              "+hydra.callbacks.kill.context_length=96", check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: a worker process died (exit SIGKILL(-9))") and "rerun the same command" in line
 
 
 @pytest.mark.integration

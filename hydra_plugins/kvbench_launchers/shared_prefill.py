@@ -10,7 +10,10 @@ Each job still goes through Hydra's ``run_job`` (its job directory under the swe
 ``JobReturn``): the first job of a group computes the whole group, the others return their cached result. A
 failure of the group (a ``KVBenchError`` or any other exception) marks each of its jobs failed; other groups
 still run, and Hydra reports the failure when the sweep ends, as with its basic launcher. A job refused on its
-own (a finished directory of another setup) fails alone: the rest of its group is still computed.
+own (a finished directory of another setup) fails alone: the rest of its group is still computed. A worker
+process that dies (killed by the system for memory, a crash in a kernel) is another matter: loky cannot say which
+group it ran and ends every worker with it, so the sweep stops, with one line saying to rerun it (finished runs
+are kept, interrupted ones resume from their checkpoints).
 
 ``max_jobs_per_prefill`` splits large groups (each job holds its own compressed cache during a sample);
 ``n_jobs > 1`` spreads groups over joblib/loky worker processes (``shared_prefill_gpus``: one per GPU, pinned by
@@ -22,10 +25,12 @@ the ``gpu_pool`` callback, which refuses jobs in the launching process, hence ``
 import copy
 import functools
 import logging
+import re
 import sys
+from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
@@ -87,24 +92,37 @@ def group_key(config: DictConfig, idx: int) -> str:
         return f"invalid job {idx}"
 
 
+def result_key(config: DictConfig, idx: int) -> str:
+    """Jobs with equal keys write one result directory (no_press at several ratios): one computation, so they stay
+    in one chunk and count as one job there. Split apart, the second chunk would wait on the first one's lock."""
+    from kvbench.runner import result_directory
+
+    try:
+        return str(result_directory(task_config(config), job_variant(config)).path.resolve())
+    except Exception:  # noqa: BLE001 - an invalid job already has a group of its own
+        return f"invalid job {idx}"
+
+
 def plan(jobs: list[SweepJob], max_jobs_per_prefill: int | None = None, workers: int = 1) -> list[list[SweepJob]]:
-    """Prefill groups in order of their first job, each cut into chunks of at most ``max_jobs_per_prefill``.
+    """Prefill groups in order of their first job, each cut into chunks of at most ``max_jobs_per_prefill``
+    result directories (jobs writing one directory are one computation and stay together).
 
     With several workers and fewer chunks than workers, the largest chunks are split further until every
-    worker has one (or every chunk is a single job): a sweep of one group would otherwise keep one GPU busy
+    worker has one (or every chunk is a single directory): a sweep of one group would otherwise keep one GPU busy
     and leave the others idle. Each extra chunk costs one more prefill per sample, never a different result.
     """
-    groups: dict[str, list[SweepJob]] = {}
+    groups: dict[str, dict[str, list[SweepJob]]] = {}
     for job in jobs:
-        groups.setdefault(group_key(job.config, job.idx), []).append(job)
-    members = list(groups.values())
+        units = groups.setdefault(group_key(job.config, job.idx), {})
+        units.setdefault(result_key(job.config, job.idx), []).append(job)
+    members = [list(units.values()) for units in groups.values()]
     pieces = [-(-len(group) // max_jobs_per_prefill) if max_jobs_per_prefill else 1 for group in members]
     while sum(pieces) < workers:
         size, index = max((-(-len(group) // n), i) for i, (group, n) in enumerate(zip(members, pieces)))
         if size <= 1:
             break
         pieces[index] += 1
-    return [chunk for group, n in zip(members, pieces) for chunk in split(group, n)]
+    return [[job for unit in chunk for job in unit] for group, n in zip(members, pieces) for chunk in split(group, n)]
 
 
 def split(items: list, pieces: int) -> list[list]:
@@ -176,6 +194,17 @@ def in_workers(calls: list[tuple], workers: int) -> list[list[tuple[int, JobRetu
     return [future.result() for future in [executor.submit(run_chunk, *call) for call in calls]]
 
 
+def worker_died(exc: BrokenExecutor) -> NoReturn:
+    """Stop the sweep with one line (loky's own message is a page, and its traceback another)."""
+    codes = re.search(r"exit codes of the workers are \{([^}]*)\}", str(exc))
+    print(f"error: a worker process died{f' (exit {codes.group(1)})' if codes else ''}, most likely killed by the "
+          "system for running out of memory, and the sweep's unfinished groups stopped with it; finished runs are kept "
+          "and interrupted ones resume from their checkpoints: rerun the same command, with "
+          "hydra.launcher.max_jobs_per_prefill=<n> (fewer compressed caches at once) if memory ran out",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 class SharedPrefillLauncher(Launcher):
     """Hydra launcher: one prefill per sample for each group of a sweep's jobs (see the module docstring)."""
 
@@ -215,7 +244,10 @@ class SharedPrefillLauncher(Launcher):
                 log.info(f"\t#{job.idx} (group {number}) : {' '.join(filter_overrides(job.config.hydra.overrides.task))}")
         if workers:
             state = Singleton.get_state()
-            done = in_workers([(self.hydra_context, chunk, logging_config, state) for chunk in chunks], workers)
+            try:
+                done = in_workers([(self.hydra_context, chunk, logging_config, state) for chunk in chunks], workers)
+            except BrokenExecutor as exc:  # loky's TerminatedWorkerError: a worker process died
+                worker_died(exc)
         else:
             done = [run_chunk(self.hydra_context, chunk, logging_config) for chunk in chunks]
         returns = dict(pair for chunk in done for pair in chunk)
