@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench.results import slug
+from kvbench.worker_guard import exit_with
 
 log = logging.getLogger(__name__)
 # (GPU id, open lock file) of this process: the open file is what holds the lock, so it must stay referenced.
@@ -126,6 +127,7 @@ class GpuPool(Callback):
         if os.getpid() == self.launching_pid:
             _fail("the gpu_pool callback pins worker processes, but this job runs in the launching process: use it "
                   "with hydra/launcher=joblib_gpus, or shared_prefill_gpus with hydra.launcher.worker_processes=true")
+        exit_with(self.launching_pid)  # a worker outliving a killed sweep would keep its GPU's lock
         gpu = claim(self.pool, self.lock_dir, self.wait_seconds)
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         log.info("worker %d runs on GPU %s", os.getpid(), gpu)

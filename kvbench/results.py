@@ -33,6 +33,7 @@ from kvbench.fingerprint import source_digest
 
 RESULT_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 IDENTITY_FILE = "identity.json"  # what decides reuse: see run_identity
+OVERWRITE_MARK = "overwrite_launch"  # in .partial/<name>/: the launch of the overwrite=true run whose rows these are
 # Overrides that never change what a run computes (where it goes, how it is logged, what runs it).
 NEUTRAL_KEYS = ("output_dir", "overwrite", "device", "logger", "wandb", "hydra", "model.device")
 IDENTITY_GROUPS = ("model", "dataset", "press", "compression_ratio")
@@ -287,10 +288,13 @@ class RunDirectory:
         """
         rows, saved = self.partial / "rows.jsonl", self.partial / IDENTITY_FILE
         if not rows.exists():
+            if saved.exists() and _read_json(saved) != _plain(identity):
+                saved.unlink()  # left by a kill while another setup's rows were moved aside: rows appended now are ours
             return None
         if _read_json(saved) != _plain(identity):
             stamp = time.strftime("%Y%m%dT%H%M%S")
-            for path in (rows, saved):
+            # The identity first: killed between the two, the rows stay with no identity, which no run resumes from.
+            for path in (saved, rows):
                 if path.exists():
                     os.replace(path, path.with_name(f"{path.name}.stale-{stamp}"))
             print(f"[kvbench] {self.name}: the checkpoint in {self.partial} was written by another setup; "
@@ -305,6 +309,20 @@ class RunDirectory:
             return None
         # Keep one row per sample (a row is never written twice by one run, but be safe on resume).
         return pd.DataFrame(records).drop_duplicates("sample_id").reset_index(drop=True)
+
+    def start_over(self, identity: dict, launch: str | None) -> pd.DataFrame | None:
+        """``overwrite=true``: no row of an earlier run is reused, except those this same launch checkpointed
+        before it was stopped, else a requeued SLURM task would start from zero every time (``launch``: its Hydra
+        job directory, the same for a requeue, new for every command). Other checkpoints are removed, and the
+        fresh one is marked with ``launch``."""
+        mark = self.partial / OVERWRITE_MARK
+        if launch is not None and mark.exists() and mark.read_text() == launch:
+            return self.load_checkpoint(identity)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        if launch is not None:
+            self.partial.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(mark, launch)
+        return None
 
     def checkpoint(self, identity: dict, records: list[dict]) -> None:
         """Append finished rows (one JSON line each; a torn last line is dropped on resume)."""

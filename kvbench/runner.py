@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -420,6 +419,16 @@ def expected_identity(cfg: DictConfig, *, name_device: bool = True) -> dict:
                         device_name=device_model(device) if name_device else None, inputs=inputs)
 
 
+def launch_directory() -> str | None:
+    """The Hydra job directory this process runs in (None outside Hydra): a requeued SLURM task runs again in
+    its own, every new command gets a new one (its name has the launch time)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return str(Path(HydraConfig.get().runtime.output_dir).resolve())
+
+
 def recorded_config(cfg: DictConfig) -> DictConfig:
     """The configuration a run is and records (identity and ``config.yaml``): no_press at any ratio of a sweep is
     the one uncompressed run, ratio 0, whichever job of the sweep computes it."""
@@ -545,11 +554,12 @@ def _compute(jobs: list[Job]) -> dict[Path, dict]:
         job.identity["dtype"] = str(model.dtype).removeprefix("torch.")
         job.identity["device_name"] = device_model(model.device)
         job.press = build_press(job.cfg.press.name, **press_params(job.cfg))
-        job.done = None if job.cfg.overwrite else job.directory.load_checkpoint(job.identity)
+        if job.cfg.overwrite:  # a rerun starts afresh, never appends to old rows, unless it is this launch's own
+            job.done = job.directory.start_over(job.identity, launch_directory())
+        else:
+            job.done = job.directory.load_checkpoint(job.identity)
         if job.done is not None:
             print(f"[kvbench] {job.name}: resuming after {len(job.done)} finished samples")
-        elif job.cfg.overwrite and job.directory.partial.exists():
-            shutil.rmtree(job.directory.partial, ignore_errors=True)  # a rerun starts afresh, never appends to old rows
     ctx = RunContext(cfg, model, tokenizer, jobs, length_limit(cfg, model))
     data = load_dataset(cfg.dataset.name, cfg.dataset, tokenizer)
     kind = dataset_kind(cfg.dataset.name)

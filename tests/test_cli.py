@@ -156,9 +156,8 @@ def test_decode_timing_is_refused_for_a_generation_dataset(tmp_path):
     assert "decode_timing_tokens applies to perplexity datasets; dataset 'ruler' times its own decoding" in errors[0]
 
 
-def test_run_skip_kill_and_resume(tmp_path, books):
-    out = tmp_path / "results"
-    args = pg19_args(books, out, "press=knorm", "compression_ratio=0.5")
+def kill_after_two_windows(args: list[str], out: Path) -> int:
+    """Start ``python -m kvbench *args``, SIGKILL it once its checkpoint holds two windows; the rows it holds."""
     process = subprocess.Popen([sys.executable, "-m", "kvbench", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     rows = None
@@ -171,8 +170,14 @@ def test_run_skip_kill_and_resume(tmp_path, books):
     assert rows is not None, "the run never checkpointed a window"
     process.send_signal(signal.SIGKILL)
     process.wait()
+    return len(rows.read_text().splitlines())
+
+
+def test_run_skip_kill_and_resume(tmp_path, books):
+    out = tmp_path / "results"
+    args = pg19_args(books, out, "press=knorm", "compression_ratio=0.5")
+    done_before = kill_after_two_windows(args, out)
     assert complete_dirs(out) == []  # killed: nothing complete-looking
-    done_before = len(rows.read_text().splitlines())
     resumed = kvbench(*args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming after {done_before} finished samples" in resumed.stdout
@@ -184,6 +189,23 @@ def test_run_skip_kill_and_resume(tmp_path, books):
     again = kvbench(*args)
     assert again.returncode == 0 and "already complete" in again.stdout
     assert time.time() - started < 30
+
+
+def test_an_overwrite_run_resumes_in_its_own_hydra_job_directory_only(tmp_path, books):
+    """A requeued SLURM task runs again in its Hydra job directory: with overwrite=true it must resume there (it
+    started from zero on every requeue), while a new command, in a new directory, still starts afresh."""
+    out = tmp_path / "results"
+    args = pg19_args(books, out, "press=knorm", "compression_ratio=0.5", "overwrite=true")
+    done_before = kill_after_two_windows([*args, f"hydra.run.dir={tmp_path / 'job'}"], out)
+    assert complete_dirs(out) == []
+    requeued = kvbench(*args, f"hydra.run.dir={tmp_path / 'job'}")
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert f"resuming after {done_before} finished samples" in requeued.stdout
+    kill_after_two_windows([*args, f"hydra.run.dir={tmp_path / 'job'}"], out)
+    rerun = kvbench(*args, f"hydra.run.dir={tmp_path / 'another job'}")
+    assert rerun.returncode == 0 and "resuming" not in rerun.stdout, rerun.stderr[-2000:]
+    (run_dir,) = complete_dirs(out)
+    assert json.loads((run_dir / "metrics.json").read_text())["num_windows"] == 8
 
 
 def test_context_shorter_than_the_window_runs_warns_and_is_recorded(tmp_path):

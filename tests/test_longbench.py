@@ -85,6 +85,25 @@ def test_num_samples_and_defaults(longbench_dir):
     assert set(lb.TASKS) == set(lb.MAX_NEW_TOKENS) and len(lb.TASKS) == 13
 
 
+def test_records_sharing_an_id_are_each_their_own_sample():
+    """A run's checkpoint finds samples by id: two records under one id made a resumed run drop one of them."""
+    records = [_record("hotpotqa", 0, 1000, answers=("Paris",)), _record("hotpotqa", 0, 1000, answers=("Rex",)),
+               _record("hotpotqa", 0, 1000, answers=("Ann",)), _record("hotpotqa", 1, 1000)]
+    rows = lb.build_rows("hotpotqa", records)
+    assert [row["sample_id"] for row in rows] == ["hotpotqa/hotpotqa-id-0", "hotpotqa/hotpotqa-id-0_2",
+                                                  "hotpotqa/hotpotqa-id-0_3", "hotpotqa/hotpotqa-id-1"]
+    assert [row["answers"] for row in rows][:3] == [["Paris"], ["Rex"], ["Ann"]]
+
+
+def test_a_dataset_giving_two_samples_one_id_is_refused(monkeypatch):
+    from kvbench import datasets
+    from kvbench.datasets import pg19
+
+    monkeypatch.setattr(pg19, "load", lambda cfg, tokenizer: pd.DataFrame({"sample_id": ["emma-000", "emma-001", "emma-000"]}))
+    with pytest.raises(KVBenchError, match="gives more than one sample the id 'emma-000'; give every sample"):
+        datasets.load_dataset("pg19", {}, None)
+
+
 @pytest.mark.parametrize("task", lb.TASKS)
 def test_template_split_reassembles_longbench_prompt(task):
     context_t, question_t, prefix = lb.split_template(task)

@@ -137,6 +137,7 @@ def test_bad_config(tokenizer):
     ({"context_lengths": [0]}, "positive token counts"),
     ({"depths": ["x"]}, r"dataset\.depths must hold numbers"),
     ({"depths": [50, 50.0]}, "lists 50 more than once"),
+    ({"depths": [50, 50.0000001]}, "lists 50 more than once"),  # one label, so one sample id and one heatmap cell
     ({"answers": []}, "non-empty key phrases"),
     ({"answers": ["sandwich", " "]}, "non-empty key phrases"),
     ({"max_new_tokens": "32"}, "max_new_tokens must be a positive integer"),

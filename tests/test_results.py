@@ -206,6 +206,37 @@ def test_a_checkpoint_of_another_identity_is_moved_aside_never_appended_to(tmp_p
     assert directory.load_checkpoint(_identity()) is None
 
 
+def test_a_kill_while_a_checkpoint_is_moved_aside_never_mixes_two_setups(tmp_path):
+    """The identity and the rows are moved aside one after the other; a kill between them must not leave the
+    next run's rows under the old identity (resumed later by the old setup) or the old rows resumable."""
+    directory, old, new = RunDirectory(tmp_path, "d__m__p__0.50"), _identity(), _identity(dtype="bfloat16")
+    directory.checkpoint(old, [{"sample_id": "a", "prediction": "old"}])
+    (directory.partial / "rows.jsonl").rename(directory.partial / "rows.jsonl.stale-x")  # killed after the rows went
+    assert directory.load_checkpoint(new) is None
+    directory.checkpoint(new, [{"sample_id": "b", "prediction": "new"}])
+    assert directory.load_checkpoint(old) is None  # the new rows are not the old setup's
+    directory.checkpoint(new, [{"sample_id": "c", "prediction": "new"}])
+    assert list(directory.load_checkpoint(new)["sample_id"]) == ["c"]
+
+    other = RunDirectory(tmp_path, "d__m__p__0.75")  # killed the other way round: rows left, their identity gone
+    other.checkpoint(old, [{"sample_id": "a", "prediction": "old"}])
+    (other.partial / "identity.json").unlink()
+    assert other.load_checkpoint(old) is None and other.load_checkpoint(new) is None
+
+
+def test_overwrite_resumes_only_its_own_launch(tmp_path):
+    """overwrite=true reuses no earlier row, except rows its own launch (a requeued SLURM task, same Hydra job
+    directory) checkpointed before it was stopped."""
+    directory, ident = RunDirectory(tmp_path, "d__m__p__0.50"), _identity()
+    directory.checkpoint(ident, [{"sample_id": "a", "prediction": "earlier run"}])
+    assert directory.start_over(ident, "/sweep/launch-1/0") is None and not (directory.partial / "rows.jsonl").exists()
+    directory.checkpoint(ident, [{"sample_id": "b", "prediction": "launch 1"}])
+    assert list(directory.start_over(ident, "/sweep/launch-1/0")["sample_id"]) == ["b"]  # requeued: resumes
+    assert directory.start_over(ident, "/sweep/launch-2/0") is None  # a new command: afresh
+    directory.checkpoint(ident, [{"sample_id": "c", "prediction": "launch 2"}])
+    assert directory.start_over(ident, None) is None and not directory.partial.exists()  # outside Hydra: afresh
+
+
 def test_torn_checkpoint_lines_are_dropped_and_later_rows_survive(tmp_path):
     directory = RunDirectory(tmp_path, "d__m__p__0.50")
     ident = _identity()

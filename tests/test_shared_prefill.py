@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -257,6 +258,50 @@ def test_a_dying_worker_stops_the_sweep_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith("error: a worker process died (exit SIGKILL(-9))") and "rerun the same command" in line
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a container's init may never reap a re-parented worker)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("launcher", [(SHARED, "hydra.launcher.n_jobs=2"),
+                                      ("hydra/launcher=joblib_gpus", "hydra.callbacks.gpu_pool.gpus='0,1'")])
+def test_workers_stop_when_the_sweep_is_killed(tmp_path, launcher):
+    """kill -9 of the launching process: its loky workers, re-parented, went on computing and writing results
+    (and, on GPUs, kept their GPU's lock). They stop within seconds now, and the checkpoint stops growing."""
+    pytest.importorskip("kvbench.gpu_pool")
+    out = tmp_path / "shared"
+    counter = tmp_path / "prefills.txt"
+    pool = [f"hydra.callbacks.gpu_pool.lock_dir={tmp_path / 'locks'}"] if launcher[0].endswith("_gpus") else []
+    command = [sys.executable, "-m", "kvbench", "-m", *launcher, *pool, "dataset=pg19", "dataset.eval_length=16",
+               "dataset.max_windows_per_book=40", "dataset.num_books=1", "dataset.context_length=128,96", "press=knorm",
+               "compression_ratio=0.5", f"output_dir={out}", "+hydra.callbacks.count._target_=tests.test_shared_prefill.CountPrefills",
+               f"+hydra.callbacks.count.path={counter}"]
+    launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and launcher.poll() is None:
+        if (out / ".hydra").exists() and len(sweep_jobs(out)) == 2 and counter.exists() and len(counter.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    assert launcher.poll() is None and len(sweep_jobs(out)) == 2, "the workers never started"
+    workers = [job["pid"] for job in sweep_jobs(out)]
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
+    rows = sorted(out.glob(".partial/*/rows.jsonl"))
+    before = [path.read_text() for path in rows]
+    time.sleep(3)
+    assert [path.read_text() for path in rows] == before and len(runs(out)) == 0
 
 
 @pytest.mark.integration

@@ -25,6 +25,7 @@ the ``gpu_pool`` callback, which refuses jobs in the launching process, hence ``
 import copy
 import functools
 import logging
+import os
 import re
 import sys
 from concurrent.futures import BrokenExecutor
@@ -164,12 +165,17 @@ class PrefillGroup:
 
 
 def run_chunk(hydra_context: HydraContext, chunk: list[SweepJob], logging_config: tuple[Any, Any],
-              singleton_state: dict | None = None) -> list[tuple[int, JobReturn]]:
+              singleton_state: dict | None = None, launcher_pid: int | None = None) -> list[tuple[int, JobReturn]]:
     """Run one chunk's jobs through Hydra's ``run_job``, sharing one prefill. In a worker process,
-    ``singleton_state`` carries the launching process' Hydra state (as Hydra's joblib launcher does)."""
+    ``singleton_state`` carries the launching process' Hydra state (as Hydra's joblib launcher does), and the
+    worker ends if ``launcher_pid`` dies (``kvbench.worker_guard``)."""
     if singleton_state is not None:
         setup_globals()
         Singleton.set_state(singleton_state)
+    if launcher_pid is not None:
+        from kvbench.worker_guard import exit_with
+
+        exit_with(launcher_pid)
     group = PrefillGroup([(task_config(job.config), job_variant(job.config)) for job in chunk])
     returns = []
     for position, job in enumerate(chunk):
@@ -245,7 +251,8 @@ class SharedPrefillLauncher(Launcher):
         if workers:
             state = Singleton.get_state()
             try:
-                done = in_workers([(self.hydra_context, chunk, logging_config, state) for chunk in chunks], workers)
+                done = in_workers([(self.hydra_context, chunk, logging_config, state, os.getpid()) for chunk in chunks],
+                                  workers)
             except BrokenExecutor as exc:  # loky's TerminatedWorkerError: a worker process died
                 worker_died(exc)
         else:

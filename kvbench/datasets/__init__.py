@@ -37,7 +37,16 @@ def dataset_module(name: str):
 
 
 def load_dataset(name: str, cfg, tokenizer):
-    return dataset_module(name).load(cfg, tokenizer)
+    """The benchmark's rows. Their ``sample_id`` must be unique: a run's checkpoint, its resume and the
+    comparison of runs all find a sample by it, so a repeated id would make a resumed run drop a sample."""
+    data = dataset_module(name).load(cfg, tokenizer)
+    if "sample_id" in data.columns:
+        repeated = data["sample_id"][data["sample_id"].duplicated()].unique().tolist()
+        if repeated:
+            shown = ", ".join(map(repr, repeated[:5])) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+            raise KVBenchError(f"dataset '{name}' gives more than one sample the id {shown}; give every sample (record, "
+                               f"book, grid cell) its own id in the data or the dataset settings")
+    return data
 
 
 def data_inputs(name: str, cfg) -> dict:

@@ -248,8 +248,12 @@ def build_rows(task: str, records: Iterable[Mapping[str, Any]]) -> list[dict]:
     """Turn LongBench records (their jsonl schema) into canonical kvbench rows for ``task``."""
     context_template, question_template, answer_prefix = split_template(task)
     rows = []
+    seen: dict[str, int] = {}
     for index, record in enumerate(records):
-        source_id = record.get("_id") or str(index)
+        source_id = str(record.get("_id") or index)
+        seen[source_id] = seen.get(source_id, 0) + 1
+        if seen[source_id] > 1:  # a repeated _id is still its own sample (LongBench scores every record)
+            source_id = f"{source_id}_{seen[source_id]}"
         context_text = str(record.get("context") or "")
         input_text = str(record.get("input") or "")
         rows.append(

@@ -207,9 +207,11 @@ def _grid_axis(cfg: Mapping[str, Any], key: str, default: Sequence[float], whole
     if bad:
         raise KVBenchError(f"dataset.{key} must hold {kind}, e.g. dataset.{key}={example}; {bad!r} are not")
     values = [int(v) if whole else float(v) for v in values]
-    repeated = sorted({v for v in values if values.count(v) > 1})
+    names = [str(v) if whole else _label(v) for v in values]  # cells are named by their labels (sample ids, heatmap)
+    repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise KVBenchError(f"dataset.{key} lists {', '.join(_label(v) for v in repeated)} more than once; each cell is one sample")
+        raise KVBenchError(f"dataset.{key} lists {', '.join(repeated)} more than once (values are told apart by their first "
+                           f"6 significant digits); each cell is one sample")
     return values
 
 
