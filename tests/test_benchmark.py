@@ -72,7 +72,8 @@ def test_memory_bound_column_uses_measured_cache(run, tiny_config):
     _, df = run
     config = resolve_source(f"random:{tiny_config}").config
     weights = bound.weight_bytes_per_step(config, torch.float32)
-    expected = (weights + df["kv_bytes"]) / 100e9 * 1e3
+    question = df["question_tokens"] * bound.kv_bytes_per_token(config, torch.float32)  # read by every step too
+    expected = (weights + df["kv_bytes"] + question) / 100e9 * 1e3
     assert df["memory_bound_ms_per_token"].tolist() == pytest.approx(expected.tolist())
 
 
@@ -92,6 +93,9 @@ def test_llama_8b_figures():
     assert bound.weight_bytes_per_step(config, torch.bfloat16) == (8_030_261_248 - 128_255 * 4096) * 2
     table = bound.bound_table(config, torch.bfloat16, [8192], [0.0, 0.75], 3350.0).set_index("ratio")
     assert table.loc[0.0, "kept_kv_bytes"] == 2**30 and table.loc[0.75, "kept_kv_bytes"] == 2**28
+    # With the speed benchmark's 16 uncompressed question tokens: 2044 of 8176 context tokens kept, plus 16.
+    asked = bound.bound_table(config, torch.bfloat16, [8192], [0.0, 0.75], 3350.0, question_tokens=16).set_index("ratio")
+    assert asked.loc[0.0, "kept_kv_bytes"] == 2**30 and asked.loc[0.75, "kept_kv_bytes"] == 2060 * 2**17
     assert table.loc[0.0, "bound_ms_per_token"] == pytest.approx((15_009_857_536 + 2**30) / 3.35e9)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from kvbench import atomic
 from kvbench.benchmark import bound, model_source
-from kvbench.benchmark.speed import CSV_NAME, BenchmarkOptions, check_options, plan, run_grid
+from kvbench.benchmark.speed import CSV_NAME, QUESTION_TOKENS, BenchmarkOptions, check_options, plan, run_grid
 from kvbench.models import max_length
 
 DECODE_PLOT = "decode_ms_per_token.png"
@@ -62,4 +62,5 @@ def bound_only(options: BenchmarkOptions) -> pd.DataFrame:
     source = model_source.resolve_source(options.model)
     check_options(options, max_length(source.config))
     _, dtype = model_source.check_runtime(options.device, options.dtype, options.attn)
-    return bound.bound_table(source.config, dtype, list(options.context_lengths), list(options.ratios), options.bandwidth_gbps)
+    return bound.bound_table(source.config, dtype, list(options.context_lengths), list(options.ratios), options.bandwidth_gbps,
+                             QUESTION_TOKENS)

@@ -6,7 +6,8 @@ byte it can load, so its time is bounded below by bytes read / memory bandwidth:
     t_step >= (W + (1 - r) * L * b_kv) / BW
 
 W: weight bytes read per step (every parameter; the input embedding table only as the one row looked up,
-unless it is tied to the output head, which reads it whole), L: context tokens, r: compression ratio,
+unless it is tied to the output head, which reads it whole), L: context tokens (the question after them is not
+compressed and adds its own tokens to the kept ones), r: compression ratio,
 b_kv = 2 * layers * kv_heads * head_dim * bytes_per_element (keys and values of one token).
 Compression can only remove the KV term, so its gain is capped at (W + L*b_kv) / (W + (1-r)*L*b_kv).
 """
@@ -39,9 +40,10 @@ def weight_bytes_per_step(config, dtype: torch.dtype) -> int:
     return total * dtype.itemsize
 
 
-def kept_tokens(context_length: int, ratio: float) -> int:
-    """Context tokens a press keeps at ``ratio`` (the rule of ``kvbench.presses.base.Press.n_kept``)."""
-    return int(context_length * (1.0 - ratio))
+def kept_tokens(context_length: int, ratio: float, question_tokens: int = 0) -> int:
+    """Tokens the first decode step reads of a ``context_length``-token prompt whose last ``question_tokens`` are
+    not compressed: what a press keeps of the rest (the rule of ``kvbench.presses.base.Press.n_kept``) plus those."""
+    return int((context_length - question_tokens) * (1.0 - ratio)) + question_tokens
 
 
 def bound_ms_per_token(weight_bytes: int, kv_bytes: int, bandwidth_gbps: float) -> float:
@@ -49,14 +51,16 @@ def bound_ms_per_token(weight_bytes: int, kv_bytes: int, bandwidth_gbps: float) 
     return (weight_bytes + kv_bytes) / (bandwidth_gbps * 1e9) * 1e3
 
 
-def bound_table(config, dtype: torch.dtype, context_lengths: list[int], ratios: list[float], bandwidth_gbps: float) -> pd.DataFrame:
-    """Computed (not measured) bytes per decode step and the ms/token floor, one row per (context, ratio)."""
+def bound_table(config, dtype: torch.dtype, context_lengths: list[int], ratios: list[float], bandwidth_gbps: float,
+                question_tokens: int = 0) -> pd.DataFrame:
+    """Computed (not measured) bytes per decode step and the ms/token floor, one row per (context, ratio); the
+    last ``question_tokens`` of each context length are the uncompressed question, as in the speed benchmark."""
     weights = weight_bytes_per_step(config, dtype)
     per_token = kv_bytes_per_token(config, dtype)
     rows = []
     for length in context_lengths:
         for ratio in ratios:
-            kv = kept_tokens(length, ratio) * per_token
+            kv = kept_tokens(length, ratio, question_tokens) * per_token
             rows.append({
                 "context_length": length,
                 "ratio": ratio,

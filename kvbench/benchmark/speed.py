@@ -167,6 +167,7 @@ def run_grid(model, options: BenchmarkOptions, jobs: list[Job], model_name: str,
         "transformers_version": transformers.__version__,
     }
     weights = bound.weight_bytes_per_step(model.config, model.dtype) if options.bandwidth_gbps else None
+    question_bytes = QUESTION_TOKENS * bound.kv_bytes_per_token(model.config, model.dtype)  # read by every step too
     vocab = int(model.config.vocab_size)
     warm_context, warm_question = random_prompt(vocab, WARMUP_TOKENS + QUESTION_TOKENS, options.seed)
     measure(model, build_press("no_press"), warm_context, warm_question, 2, 1)  # first-call allocations and kernels
@@ -183,7 +184,8 @@ def run_grid(model, options: BenchmarkOptions, jobs: list[Job], model_name: str,
                 uncompressed[job.context_length] = measured
         row = {"context_length": job.context_length, "press": job.press_name, "ratio": job.ratio, **measured, **fixed}
         if weights is not None:
-            row["memory_bound_ms_per_token"] = bound.bound_ms_per_token(weights, row["kv_bytes"], options.bandwidth_gbps)
+            kv = row["kv_bytes"] + question_bytes
+            row["memory_bound_ms_per_token"] = bound.bound_ms_per_token(weights, kv, options.bandwidth_gbps)
         rows.append(row)
         if on_row is not None:
             on_row(pd.DataFrame(rows))
