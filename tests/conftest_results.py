@@ -78,8 +78,12 @@ def write_run(
     for part in variant.split("__"):  # a variant is an override: the config (hence the identity) carries it
         key, sep, value = part.partition("=")
         if sep:
-            section = config["dataset"] if key in config["dataset"] else config
-            section[key] = yaml.safe_load(value)
+            group, dot, leaf = key.partition(".")
+            if dot:  # press.window_size=32: a key of its group, as Hydra writes it
+                config.setdefault(group, {})[leaf] = yaml.safe_load(value)
+            else:
+                section = config["dataset"] if key in config["dataset"] else config
+                section[key] = yaml.safe_load(value)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     identity = run_identity(OmegaConf.create(config), dtype="float32", device_type="cpu", device_name=device_name)
     (run_dir / "identity.json").write_text(json.dumps(identity, indent=2))

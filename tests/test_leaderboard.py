@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
-from tests.conftest_results import make_results_tree, write_run
+from tests.conftest_results import make_config, make_results_tree, write_run
 from kvbench.errors import KVBenchError
 from kvbench.leaderboard import build_leaderboard, format_ratio, load_results, score_grid
 from kvbench.leaderboard.__main__ import main
 from kvbench.leaderboard.html import has_only_local_assets
+from kvbench.results import variant_from_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -122,6 +124,7 @@ def test_torn_identity_non_finite_score_or_count_is_skipped_with_its_reason(tmp_
     nan_score = write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 50.0)
     (nan_score / "metrics.json").write_text(json.dumps({**json.loads((nan_score / "metrics.json").read_text()), "score": float("nan")}))
     inf_count = write_run(tmp_path, "ruler", MODEL, "tova", 0.5, 50.0, extra={"truncated_samples": float("inf")})
+    half = write_run(tmp_path, "ruler", MODEL, "keydiff", 0.5, 50.0, extra={"num_samples": 2.5})  # crashed the table
     old = write_run(tmp_path, "ruler", MODEL, "random", 0.5, 40.0)
     (old / "identity.json").unlink()  # a run from before identity.json: still read
     table, skipped = load_results(tmp_path)
@@ -130,6 +133,7 @@ def test_torn_identity_non_finite_score_or_count_is_skipped_with_its_reason(tmp_
     assert reasons[torn.name].startswith("unparsable identity.json")
     assert reasons[nan_score.name] == "metrics.json has no finite numeric 'score'"
     assert reasons[inf_count.name] == "metrics.json has truncated_samples=inf, not a count"
+    assert reasons[half.name] == "metrics.json has num_samples=2.5, not a count"
 
 
 def test_format_ratio_matches_run_names():
@@ -167,7 +171,8 @@ def test_cli_writes_all_outputs_and_summary(tree, capsys):
     md = (target / "leaderboard.md").read_text()
     for heading in ("## ruler / smollm2-135m", "## longbench_e / smollm2-135m", "## pg19 / smollm2-135m"):
         assert heading in md
-    assert "| snapkv (query-aware) |  |  | **78.00** | **52.00** |" in md
+    # Query-aware compression sees the question: another setting, so it does not compete with snapkv's 74.50.
+    assert "| snapkv (query-aware) |  |  | 78.00 | 52.00 |" in md and "| **74.50** | **40.25** |" in md
     assert "Score: lower is better." in md
     # PG-19 is perplexity: the *lowest* value wins its column.
     assert "| snapkv |  | **13.75** | 19.00 |" in md
@@ -425,6 +430,65 @@ def test_two_results_with_one_identity_are_flagged_not_averaged(tmp_path):
     assert copy.name in text and "same identity" in text
     assert text.splitlines()[2].startswith(f"2 runs (1 stored twice, shown once: {DUPLICATE_MARK}). Rows: press")
     assert f"{copy.name} = {first.name}" in build_leaderboard(tmp_path).summary()
+
+
+def _renamed_copy(run: Path, suffix: str, score: float, **identity_changes) -> Path:
+    """A run gathered from elsewhere under a renamed directory: same config and run_name, another identity."""
+    copy = run.parent / (run.name + suffix)
+    shutil.copytree(run, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    (copy / "metrics.json").write_text(json.dumps({**metrics, "score": score}))
+    identity = json.loads((copy / "identity.json").read_text())
+    (copy / "identity.json").write_text(json.dumps({**identity, **identity_changes}))
+    return copy
+
+
+def test_runs_of_other_setups_in_one_cell_are_shown_apart_not_averaged(tmp_path):
+    """A result gathered from a GPU machine (or another kvbench) under a renamed directory claims the same
+    (press, ratio) cell: averaged, the cell showed a number no run produced."""
+    cpu = write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0)
+    _renamed_copy(cpu, "-h100", 70.0, device_type="cuda", device_name="NVIDIA H100", dtype="bfloat16")
+    older = write_run(tmp_path, "ruler", MODEL, "knorm", 0.5, 50.0)
+    _renamed_copy(older, "-old", 90.0, kvbench_version="0.0.1")
+    write_run(tmp_path, "ruler", MODEL, "tova", 0.5, 40.0)
+    grid = score_grid(load_results(tmp_path)[0], "ruler", MODEL)["0.50"]
+    assert grid["snapkv @ Test CPU, float32"] == 60.0 and grid["snapkv @ NVIDIA H100, bfloat16"] == 70.0
+    assert grid[f"knorm @ {older.name}"] == 50.0 and grid[f"knorm @ {older.name}-old"] == 90.0
+    assert grid["tova"] == 40.0 and len(grid) == 5
+
+
+def test_a_copied_run_is_named_by_its_directory(tmp_path):
+    """A copy keeps the recorded run_name: the warning said "X = X", which no one can act on."""
+    first = write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0)
+    shutil.copytree(first, tmp_path / (first.name + "-copy"))
+    board = build_leaderboard(tmp_path)
+    assert f"{first.name}-copy = {first.name}" in board.summary()
+    assert f"`{first.name}-copy` has the same identity as `{first.name}`" in board.markdown.read_text()
+
+
+def test_best_compares_runs_of_one_recorded_setting_even_when_variants_are_shortened(tmp_path):
+    """The setting comes from config.yaml: a long variant is shortened with a digest of every override (press
+    parameters included), so its text told neither which tasks ran nor which runs ran the same ones."""
+    from kvbench.leaderboard.table import block_winners, mark_grid
+
+    tasks = "dataset.tasks=[" + ",".join(f"niah_task_number_{i}" for i in range(8)) + "]"
+    other = "dataset.tasks=[" + ",".join(f"qa_task_number_{i}" for i in range(8)) + "]"
+    overrides = {"snapkv": [tasks, "press.window_size=16"], "knorm": [tasks], "tova": [other]}
+    scores = {"snapkv": 50.0, "knorm": 30.0, "tova": 90.0}
+    for press, extra in overrides.items():
+        variant = variant_from_overrides(extra)
+        assert len(variant) <= 80 and "niah_task_number_7" not in variant  # shortened into a digest
+        run = write_run(tmp_path, "ruler", MODEL, press, 0.5, scores[press], variant=variant)
+        config = make_config("ruler", MODEL, press, 0.5)  # what Hydra records: the overrides, not the variant text
+        config["dataset"]["tasks"] = yaml.safe_load(extra[0].partition("=")[2])
+        if len(extra) > 1:
+            config["press"]["window_size"] = 16
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    table, _ = load_results(tmp_path)
+    grid = score_grid(table, "ruler", MODEL)
+    winners = block_winners(table, "ruler", MODEL, grid, mark_grid(table, "ruler", MODEL))["0.50"]
+    snapkv = next(label for label in grid.index if label.startswith("snapkv"))
+    assert winners == {snapkv}  # tova's 90 ran other tasks; knorm ran snapkv's and loses
 
 
 def test_dataset_declarations_drive_direction_and_kind(tmp_path):

@@ -151,6 +151,9 @@ def test_the_summarys_best_is_a_full_run_when_one_exists(tmp_path):
     results.mkdir()
     make_results_tree(results)
     write_run(results, "ruler", "smollm2-135m", "knorm", 0.75, 40.0, extra={"num_samples": 1300, "num_samples_per_task": 100})
+    # A full run of another setting (a short context answers another question) is not a candidate either.
+    write_run(results, "ruler", "smollm2-135m", "tova", 0.75, 99.0, variant="context_length=256",
+              extra={"num_samples": 1300, "num_samples_per_task": 100})
     board = build_leaderboard(results)
     push_leaderboard(board.table, board.plots, project="kvbench-test", mode="offline", directory=tmp_path / "wb")
     summary = read_offline_run(offline_runs(tmp_path / "wb")[0])["summary"]

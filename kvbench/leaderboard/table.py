@@ -62,8 +62,11 @@ BASE_COLUMNS = (
     "dtype",
 )
 DERIVED_COLUMNS = ("wall_seconds",)
-TAIL_COLUMNS = ("run_name", "run_dir")
+TAIL_COLUMNS = ("setting", "run_name", "run_dir")
 BREAKDOWN_PREFIXES = ("task:", "bucket:", "cell:")
+# Config keys that name the method or cannot change a score: runs differing only in these compete for "best".
+SETTING_FREE_KEYS = frozenset({"press", "compression_ratio", "output_dir", "overwrite", "logger", "wandb", "hydra",
+                               "device", "batch_size", "cache_layout", "decode_timing_tokens"})
 
 
 class SkippedRun(NamedTuple):
@@ -111,7 +114,7 @@ def _count(metrics: dict[str, Any], key: str) -> int:
     value = metrics.get(key)
     if value is None:
         return 0
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
+    if not _is_number(value) or not math.isfinite(value) or value < 0 or value != int(value):
         raise ValueError(f"metrics.json has {key}={value!r}, not a count")
     return int(value)
 
@@ -204,7 +207,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "variant": variant,
         "score": float(score),
         "higher_is_better": higher,
-        "num_samples": metrics.get("num_samples"),
+        "num_samples": _count(metrics, "num_samples") if metrics.get("num_samples") is not None else None,
         "num_samples_per_task": _samples_per_task(metrics),
         "truncated_samples": _count(metrics, "truncated_samples"),
         "max_truncated_tokens": _count(metrics, "max_truncated_tokens"),
@@ -215,6 +218,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
         "device": _device(identity, metrics),
         "dtype": str(identity.get("dtype") or "") if identity else "",
         "wall_seconds": float(metrics["wall_seconds"]) if _is_number(metrics.get("wall_seconds")) else math.nan,
+        "setting": recorded_setting(config, variant),
         "run_name": str(metrics.get("run_name") or run_dir.name),
         "run_dir": str(run_dir),
     }
@@ -271,7 +275,7 @@ def _flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
     """
     first: dict[str, str] = {}
     duplicate_of = []
-    for key, name in zip(table["identity"], table["run_name"]):
+    for key, name in zip(table["identity"], table["run_name"]):  # run_name: the directory's own name (load_results)
         if isinstance(key, str) and key in first:
             duplicate_of.append(first[key])
         else:
@@ -279,6 +283,33 @@ def _flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
                 first[key] = name
             duplicate_of.append("")
     return table.assign(duplicate_of=duplicate_of)
+
+
+def _named_by_directory(table: pd.DataFrame) -> pd.DataFrame:
+    """Runs named by their directories where two share the recorded ``run_name`` (a copied or renamed run):
+    a warning that names one run twice could not be acted on."""
+    shared = table["run_name"].duplicated(keep=False)
+    names = [Path(path).name if clash else name for name, path, clash in zip(table["run_name"], table["run_dir"], shared)]
+    return table.assign(run_name=names)
+
+
+def _separate_conflicts(table: pd.DataFrame) -> pd.DataFrame:
+    """Give its own label to each run of a cell (dataset, model, label, ratio asked for) that another run of
+    another identity also claims: results gathered from several machines or versions under renamed directories.
+    Averaged, the cell would show a number no run produced. The label says what differs where the device or dtype
+    does, else names the directory. (Token-budget runs asked at two ratios land in one cell by design: their
+    configured ratios differ, and they are averaged.)"""
+    live = table[table["duplicate_of"].fillna("") == ""]
+    keys = ["dataset", "model", "label", "compression_ratio", "configured_ratio"]
+    labels = table["label"].copy()
+    for _, cell in live.groupby(keys, sort=False, dropna=False):
+        if len(cell) < 2:
+            continue
+        by_setup = len(cell[["device", "dtype"]].drop_duplicates()) == len(cell)
+        for index, row in cell.iterrows():
+            suffix = f"{row['device']}, {row['dtype']}" if by_setup else Path(row["run_dir"]).name
+            labels[index] = f"{row['label']} @ {suffix}"
+    return table.assign(label=labels)
 
 
 def _looks_like_run(path: Path) -> bool:
@@ -331,7 +362,7 @@ def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRun
             skipped.append(SkippedRun(path, str(exc)))
     if not rows:
         return pd.DataFrame(columns=list(BASE_COLUMNS + SPEED_COLUMNS + DERIVED_COLUMNS + TAIL_COLUMNS)), skipped
-    table = _flag_duplicates(pd.DataFrame(rows))
+    table = _separate_conflicts(_flag_duplicates(_named_by_directory(pd.DataFrame(rows))))
     table = table[ordered_columns(list(table.columns))]
     # no_press first inside each (dataset, model) block: it is the reference every press is read against.
     table["_ref"] = table["press"] != NO_PRESS
@@ -450,9 +481,20 @@ def is_perplexity(table: pd.DataFrame, dataset: str) -> bool:
 
 
 def setting(variant: str) -> str:
-    """What a run measured besides its press: its variant without the ``press.*`` parameters. Runs at another
-    context length, sample count or seed answer another question, so they never compete for "best"."""
+    """What a run measured besides its press, for a run without a recorded config: its variant text without the
+    ``press.*`` parameters (exact only while no part of the variant was shortened into a digest)."""
     return "__".join(part for part in str(variant or "").split("__") if part and not part.startswith("press."))
+
+
+def recorded_setting(config: dict[str, Any], variant: str) -> str:
+    """What a run measured besides its method, from its ``config.yaml``: everything but the press, the ratio and
+    what cannot change a score (where results go, logging, device, batching, cache layout, decode timing).
+    Runs at another context length, task list, sample count, seed or query-awareness answer another question,
+    so they never compete for "best"; the variant text cannot tell that once a long variant is shortened."""
+    if not config:
+        return setting(variant)
+    kept = {key: value for key, value in config.items() if key not in SETTING_FREE_KEYS}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def best_labels(grid: pd.DataFrame, higher: bool, marks: pd.DataFrame | None = None,
@@ -482,7 +524,7 @@ def best_labels(grid: pd.DataFrame, higher: bool, marks: pd.DataFrame | None = N
 def block_winners(table: pd.DataFrame, dataset: str, model: str, grid: pd.DataFrame, marks: pd.DataFrame) -> dict[str, set[str]]:
     """:func:`best_labels` for one block's grid, each label in its own setting, smoke cells behind full ones."""
     block = block_rows(table, dataset, model)
-    settings = {label: setting(variant) for label, variant in zip(block["label"], block["variant"])}
+    settings = dict(zip(block["label"], block["setting"]))
     return best_labels(grid, higher_is_better(table, dataset), marks, settings)
 
 

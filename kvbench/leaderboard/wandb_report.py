@@ -74,6 +74,10 @@ def push_leaderboard(
             block = block[block["press"] != NO_PRESS]
             if block.empty:
                 continue
+            # Runs of one setting only (the block's most common one): a quick run at another context length or
+            # on other tasks answers another question.
+            counts = block["setting"].value_counts(sort=False)
+            block = block[block["setting"] == max(dict.fromkeys(block["setting"]), key=counts.get)]
             full = block[~block["smoke"].astype(bool)]
             block = full if len(full) else block  # a smoke run is the best only of smoke runs
             higher = bool(block["higher_is_better"].iloc[0])
