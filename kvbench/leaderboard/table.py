@@ -275,7 +275,7 @@ def _flag_duplicates(table: pd.DataFrame) -> pd.DataFrame:
     """
     first: dict[str, str] = {}
     duplicate_of = []
-    for key, name in zip(table["identity"], table["run_name"]):  # run_name: the directory's own name (load_results)
+    for key, name in zip(table["identity"], table["run_name"]):  # a copy sharing a run_name: its directory (_named_by_directory)
         if isinstance(key, str) and key in first:
             duplicate_of.append(first[key])
         else:
