@@ -259,7 +259,7 @@ def test_essay_depths_are_rulers_40_whole_percents():
 
 @pytest.mark.parametrize("task", [t for t in NIAH_TASKS if ruler_tasks.SPECS[t]["haystack"] == "essay"])
 def test_essay_needles_sit_between_sentences_at_rulers_depths(generated, task):
-    """Needle i goes after int(sentences * depth / 100) whole sentences, depth one of the 40 grid values."""
+    """Needle i goes after int(sentences * (depth / 100)) whole sentences, depth one of the 40 grid values."""
     split = ruler_tasks.SENTENCE_END.split
 
     def sentences(text: str) -> int:
@@ -277,16 +277,24 @@ def test_essay_needles_sit_between_sentences_at_rulers_depths(generated, task):
                 before = " ".join(NEEDLE_RE.sub(" ", body[: match.start()]).split())
                 # depth 100 follows the last sentence, which the word budget may have cut short (as in RULER)
                 assert not before or before[-1] in ".!?\"')]" or sentences(before) == total, before[-30:]
-                depths = [d for d in ruler_tasks.ESSAY_DEPTHS if int(total * d / 100) == sentences(before)]
+                depths = [d for d in ruler_tasks.ESSAY_DEPTHS if int(total * (d / 100)) == sentences(before)]
                 assert depths, (sentences(before), total)
                 used.append(sentences(before))
             assert used == sorted(used)
+
+
+def test_essay_cut_points_round_as_ruler_does(monkeypatch):
+    """RULER cuts at int(sentences * (depth / 100)): 300 sentences at depth 41 is 122, where 300 * 41 / 100 is 123."""
+    monkeypatch.setattr(ruler_tasks, "essay_sentences", lambda n: [f"S{i}." for i in range(300)])
+    text = ruler_tasks.essay_with_needles(0, ["NEEDLE"], [41])
+    assert text.split(" NEEDLE ")[0].split()[-1] == "S121."
 
 
 def test_vt_one_assignment_a_line_after_a_500_token_example(generated, tokenizer):
     intro = ruler_tasks.VT_INTRO
     line_re = {k: re.compile(rf"VAR [A-Z]{{{k}}} = (\d{{5}}|VAR [A-Z]{{{k}}} )") for k in (3, 5)}
     for length in LENGTHS:
+        layouts, example_answers = set(), set()
         for row in rows(generated, "vt", length):
             value = re.fullmatch(r"Question: Find all variables that are assigned the value (\d{5}) in the text above\.", row.question).group(1)
             names = row.answers
@@ -313,6 +321,10 @@ def test_vt_one_assignment_a_line_after_a_500_token_example(generated, tokenizer
             assert [re.match(r"VAR ([A-Z]{3})", s).group(1) for s in example_statements] == example_names
             example_tokens = count(tokenizer, intro + prompt + "they are: ")
             assert 470 <= example_tokens <= 500, example_tokens
+            layouts.add(tuple(line == ruler_tasks.NOISE_LINE for line in example_lines))
+            example_answers.add(tuple(example_names))
+        # RULER builds the example once per task file; each sample gets fresh names (and value) in it
+        assert len(layouts) == 1 and len(example_answers) == len(rows(generated, "vt", length)) == 2
 
 
 ENTRY_RE = re.compile(r"(\d+)\. (.+?)(?= \d+\. |$)")
