@@ -13,7 +13,7 @@ import torch
 from kvbench.benchmark import bound
 from kvbench.benchmark.__main__ import main
 from kvbench.benchmark.configs import RANDOM_CONFIGS
-from kvbench.benchmark.model_source import resolve_source
+from kvbench.benchmark.model_source import load, resolve_source
 from kvbench.benchmark.speed import BenchmarkOptions, plan
 from tests.tiny_models import tiny_model
 
@@ -60,6 +60,31 @@ def test_cache_bytes_follow_the_ratio(run):
         ada = rows[(rows["press"] == "adakv_snapkv") & (rows["ratio"] == 0.5)]
         assert ada["kv_kept_fraction"].item() == pytest.approx(0.5, abs=0.02)
         assert ada["kv_bytes"].item() < full
+
+
+def test_each_press_is_warmed_up_before_its_first_row(tiny_config, monkeypatch):
+    """With --repeats 1 a press' first row would carry its first-call costs (lazily loaded kernels on a GPU)."""
+    from kvbench.benchmark import speed
+
+    calls = []
+    real = speed.measure
+
+    def recorded(model, press, context_ids, question_ids, decode_tokens, repeats):
+        calls.append((type(press).__name__, context_ids.shape[-1] + question_ids.shape[-1], decode_tokens))
+        return real(model, press, context_ids, question_ids, decode_tokens, repeats)
+
+    monkeypatch.setattr(speed, "measure", recorded)
+    options = BenchmarkOptions(model=f"random:{tiny_config}", context_lengths=[160, 96], presses=["no_press", "snapkv", "knorm"],
+                               ratios=[0.5, 0.75], decode_tokens=3, device="cpu")
+    model = load(resolve_source(options.model), "cpu", "float32", "sdpa")
+    speed.run_grid(model, options, plan(options), "tiny")
+    measured = [call for call in calls if call[2] == 3]
+    assert len(measured) == 2 * (1 + 2 + 2)
+    assert calls[0] == ("NoPress", 64 + 16, 2)  # the model's warm-up
+    for name in {name for name, _, _ in measured} - {"NoPress"}:
+        first = next(i for i, call in enumerate(calls) if call[0] == name)
+        assert calls[first] == (name, 96, 2), calls  # its warm-up, at the shortest length, before its rows
+    assert len(calls) == len(measured) + 1 + 2  # plus the model's warm-up and one per compressing press
 
 
 def test_plots_written(run):
