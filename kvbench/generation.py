@@ -93,8 +93,9 @@ def build_prompt(
 
     ``max_length`` bounds every sequence the model sees: the templated context, one question with the
     answer prefix, and that question's ``max_new_tokens`` (one int, or one per question). A prompt that
-    would not fit loses the middle of its context, as LongBench's pred.py cuts the middle of the prompt
-    to the model's length minus the generation budget; ``Prompt.truncated_tokens`` says how much went.
+    would not fit loses the middle of its context where LongBench's pred.py cuts the middle of its prompt (the
+    first half of context + question kept, and the last half, which holds the question); the question itself is
+    never cut. ``Prompt.truncated_tokens`` says how much went.
     """
     if query_aware and len(questions) != 1:
         raise ValueError("query_aware compresses the question with the context, so each context takes one question")
@@ -129,8 +130,11 @@ def build_prompt(
                 f"max_context_length={max_length} leaves no room for the context: the template, question, answer prefix "
                 f"and max_new_tokens={max(budgets)} take {tail + fixed_start + fixed_end} tokens; raise max_context_length"
             )
-        # Cut the middle of the context itself: as many context tokens kept before the cut as after it.
-        head = fixed_start + (room - fixed_start - fixed_end) // 2
+        # LongBench's pred.py keeps the first and the last half of its whole prompt (context + question, no
+        # template), so the context keeps that first half, and of the last half what the question leaves.
+        kept = room - fixed_start - fixed_end
+        question_end = max(_ids(tokenizer, q + answer_prefix, False).shape[-1] for q in questions)
+        head = fixed_start + min(kept, (kept + question_end) // 2)
         context_ids, cut = truncate_middle(context_ids, room, head)
     return Prompt(context_ids=context_ids, question_ids=question_ids, truncated_tokens=cut)
 

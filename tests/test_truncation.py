@@ -59,14 +59,28 @@ def test_the_whole_prompt_and_the_answer_fit_and_only_the_middle_of_the_context_
     assert [q.tolist() for q in cut.question_ids] == [q.tolist() for q in full.question_ids]  # questions untouched
     text = tokenizer.decode(cut.context_ids[0])
     assert "Fact 0000 is true." in text and "Fact 0399 is true." in text and "Fact 0200" not in text
-    # The template's opening is kept whole and the context is cut in its own middle: about as many context
-    # tokens survive before the cut as after it.
+    # The template's opening is kept whole and the context is cut where LongBench's pred.py cuts its prompt
+    # (context + question + answer cue): the first half of that prompt is context, the last half holds the
+    # question, so the context keeps as many more tokens before the cut as the (longest) question takes.
     n, kept = full.context_ids.shape[-1], cut.context_ids.shape[-1]
     head = next(i for i in range(kept) if cut.context_ids[0, i] != full.context_ids[0, i])
     assert cut.context_ids[0, head:].tolist() == full.context_ids[0, n - (kept - head) :].tolist()
     start = len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0],
                           add_special_tokens=False)["input_ids"])
-    assert abs((head - start) - (kept - head)) <= 2
+    question = max(len(tokenizer(q + "Answer:", add_special_tokens=False)["input_ids"]) for q in questions)
+    assert abs((head - start) - (kept - head) - question) <= 1
+
+
+def test_the_cut_is_longbench_preds_on_a_raw_text_prompt(tokenizer):
+    """No chat template: LongBench tokenizes context + question whole and keeps prompt[:half] + prompt[-half:]."""
+    question = "Which fact is the very last one in the whole list above?\nAnswer:"
+    cut = build_prompt(tokenizer, CONTEXT, [question], "", max_length=300, max_new_tokens=20, use_chat_template=False)
+    ids = tokenizer(CONTEXT + question)["input_ids"]  # BOS (if any) included, as pred.py's tokenizer call
+    budget = cut.context_ids.shape[-1] + cut.question_ids[0].shape[-1]  # what pred.py's max_length would be
+    half = budget // 2
+    reference = ids[:half] + ids[-(budget - half):]
+    ours = cut.context_ids[0].tolist() + cut.question_ids[0][0].tolist()
+    assert ours == reference
 
 
 def test_a_prompt_that_fits_is_not_touched(tokenizer):

@@ -123,7 +123,9 @@ def split_template(task: str) -> tuple[str, str, str]:
     generated token the same way it did at the end of LongBench's single-string prompt. The cue is kept
     verbatim, trailing space included: without a chat template ``context + question + answer_prefix`` is then
     LongBench's prompt exactly, and with one it is kvpress' answer prefix. Raw-text tasks keep everything in
-    the question so that ``context + question`` is LongBench's prompt verbatim.
+    the question so that ``context + question`` is LongBench's prompt verbatim: its text, that is. The two are
+    tokenized apart (the context is compressed, the question not), so whitespace meeting at the join can tokenize
+    as two tokens where LongBench's one tokenization of the whole prompt has one.
     """
     template = PROMPTS[task]
     head, tail = template.split("{context}")
