@@ -80,28 +80,19 @@ def job_variant(config: DictConfig) -> str:
     return variant_from_overrides(list(config.hydra.overrides.task))
 
 
-def group_key(config: DictConfig, idx: int) -> str:
-    """Jobs with equal keys share a prefill. A job that fails validation gets a key of its own, so its error
-    (raised again by ``execute_many``, before anything is written) fails that job alone, not its group."""
-    from kvbench.runner import prefill_group_key, validate
+def job_keys(config: DictConfig, idx: int) -> tuple[str, str]:
+    """``(prefill group, result directory)``. Jobs with equal groups share a prefill; jobs with equal directories
+    (no_press at several ratios) are one computation, kept in one chunk (split apart, the second chunk would wait
+    on the first one's lock). A job that fails validation gets keys of its own, so its error (raised again by
+    ``execute_many``, before anything is written) fails that job alone, not its group."""
+    from kvbench.runner import prefill_group_key, result_directory, validate
 
     task = task_config(config)
     try:
         validate(task)
-        return prefill_group_key(task)
+        return prefill_group_key(task), str(result_directory(task, job_variant(config)).path.resolve())
     except Exception:  # noqa: BLE001 - reported by the job's own run, where Hydra records it
-        return f"invalid job {idx}"
-
-
-def result_key(config: DictConfig, idx: int) -> str:
-    """Jobs with equal keys write one result directory (no_press at several ratios): one computation, so they stay
-    in one chunk and count as one job there. Split apart, the second chunk would wait on the first one's lock."""
-    from kvbench.runner import result_directory
-
-    try:
-        return str(result_directory(task_config(config), job_variant(config)).path.resolve())
-    except Exception:  # noqa: BLE001 - an invalid job already has a group of its own
-        return f"invalid job {idx}"
+        return f"invalid job {idx}", f"invalid job {idx}"
 
 
 def plan(jobs: list[SweepJob], max_jobs_per_prefill: int | None = None, workers: int = 1) -> list[list[SweepJob]]:
@@ -114,8 +105,8 @@ def plan(jobs: list[SweepJob], max_jobs_per_prefill: int | None = None, workers:
     """
     groups: dict[str, dict[str, list[SweepJob]]] = {}
     for job in jobs:
-        units = groups.setdefault(group_key(job.config, job.idx), {})
-        units.setdefault(result_key(job.config, job.idx), []).append(job)
+        group, directory = job_keys(job.config, job.idx)
+        groups.setdefault(group, {}).setdefault(directory, []).append(job)
     members = [list(units.values()) for units in groups.values()]
     pieces = [-(-len(group) // max_jobs_per_prefill) if max_jobs_per_prefill else 1 for group in members]
     while sum(pieces) < workers:
