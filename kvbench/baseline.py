@@ -58,9 +58,11 @@ def baseline_metrics(cfg: DictConfig, identity: dict) -> dict | None:
     return None
 
 
-def fill_in_comparisons(cfg: DictConfig, identity: dict, baseline: dict, compare: Callable[[dict, dict], dict]) -> list[str]:
-    """Write the comparison with a just-finished baseline into the complete compressed runs that lack one; the
-    names of the runs filled in. Each ``metrics.json`` is replaced whole (a reader sees the old one or the new)."""
+def fill_in_comparisons(cfg: DictConfig, identity: dict, baseline: dict,
+                        compare: Callable[[dict, dict], dict]) -> list[tuple[RunDirectory, dict]]:
+    """Write the comparison with a just-finished baseline into the complete compressed runs that lack one; each run
+    filled in with the metrics added to it (for its W&B mirror). Each ``metrics.json`` is replaced whole (a reader
+    sees the old one or the new)."""
     wanted = identity_apart_from(identity, BASELINE_FREE_KEYS)
     filled = []
     for run in _runs(cfg):
@@ -70,6 +72,7 @@ def fill_in_comparisons(cfg: DictConfig, identity: dict, baseline: dict, compare
         metrics = run.metrics()
         if COMPARISON_KEY in metrics or identity_apart_from(recorded, BASELINE_FREE_KEYS) != wanted:
             continue
-        run.add_metrics(compare(metrics, baseline))
-        filled.append(run.name)
+        added = compare(metrics, baseline)
+        run.add_metrics(added)
+        filled.append((run, added))
     return filled

@@ -595,6 +595,7 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
         device_name=job.identity["device_name"],
     )
     compared = kind == "perplexity" and hasattr(scorer, "compare_to_baseline")
+    filled: list = []  # compressed runs that finished before this baseline, given their comparison now
     with baseline.comparison_lock(cfg) if compared else nullcontext():
         if compared and cfg.press.name != "no_press":
             reference = baseline.baseline_metrics(cfg, job.identity)
@@ -606,12 +607,18 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
         path = job.directory.finalize(staging, predictions, metrics, recorded_config(cfg), job.identity,
                                       overwrite=bool(cfg.overwrite))
         if compared and cfg.press.name == "no_press":
-            for name in baseline.fill_in_comparisons(cfg, job.identity, metrics, scorer.compare_to_baseline):
-                print(f"[kvbench] {name}: compared with this no_press run, which finished after it")
+            filled = baseline.fill_in_comparisons(cfg, job.identity, metrics, scorer.compare_to_baseline)
+            for run, added in filled:
+                print(f"[kvbench] {run.name}: compared with this no_press run, which finished after it")
+    if filled:
+        from kvbench.tracking import log_added_metrics
+
+        for run, added in filled:  # outside the comparison lock: W&B may take its init timeout
+            log_added_metrics(run.path, added)
     if job.logger == "wandb":
         from kvbench.tracking import log_run
 
-        log_run(cfg, metrics, predictions, path)
+        log_run(recorded_config(cfg), metrics, predictions, path)
     print_summary(metrics, path)
     return metrics
 

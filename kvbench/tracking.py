@@ -8,6 +8,7 @@ and ``wandb sync`` can upload later; wandb is never allowed to block on an inter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,9 @@ log = logging.getLogger("kvbench.tracking")
 LOGGERS = ("none", "wandb")  # one conf/logger/<name>.yaml each
 # auto: online when W&B finds an API key, else offline (``wandb sync`` uploads later); never a login prompt.
 MODES = ("auto", "online", "offline", "disabled")
+# What wandb.mode=auto follows when WANDB_MODE is set (wandb's own spellings, "dryrun" and "run" included).
+ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+DEFAULT_PROJECT = "kvbench"
 # Columns too large to be useful in a W&B table (the full prompt is already in predictions.csv).
 DROPPED_COLUMNS = ("context",)
 MAX_CELL_CHARS = 2000
@@ -117,6 +121,34 @@ def _settings(mode: str):
     return wandb.Settings(**wanted)
 
 
+def configured_mode(cfg: Any) -> str:
+    """``wandb.mode``, where ``auto`` defers to a ``WANDB_MODE`` the user exported (a compute node told to stay
+    offline must not wait for an online init to time out) and otherwise stays ``auto``."""
+    mode = str(OmegaConf.select(_as_config(cfg), "wandb.mode", default="auto") or "auto")
+    if mode not in MODES:
+        raise KVBenchError(f"wandb.mode must be one of {', '.join(MODES)}, got '{mode}'")
+    exported = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode != "auto" or not exported:
+        return mode
+    if exported not in ENV_MODES:
+        raise KVBenchError(f"WANDB_MODE={exported} is not a W&B mode: set it to online, offline or disabled, or unset it")
+    return ENV_MODES[exported]
+
+
+def configured_project(cfg: Any) -> str:
+    """``wandb.project``, else the ``WANDB_PROJECT`` the user exported, else ``kvbench``."""
+    project = OmegaConf.select(_as_config(cfg), "wandb.project", default=None)
+    return str(project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT)
+
+
+def run_id(run_dir: str | Path, identity: Mapping[str, Any] | None) -> str:
+    """The W&B id of a result directory's run: the same for the same directory and identity, so a comparison
+    written into ``metrics.json`` after the run was logged (its baseline finished later) reaches the same W&B run,
+    and a rerun of the same run (``overwrite=true``) updates it instead of adding a twin."""
+    key = json.dumps({"dir": str(Path(run_dir).resolve()), "identity": identity or {}}, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def check_logger(cfg: Any) -> str:
     """The configured logger's name, checked before a run starts (a bad one must not cost a whole benchmark).
 
@@ -130,9 +162,7 @@ def check_logger(cfg: Any) -> str:
     if name not in LOGGERS:
         raise KVBenchError(f"unknown logger '{name}'; valid names: {', '.join(LOGGERS)}")
     if name == "wandb":
-        mode = str(OmegaConf.select(conf, "wandb.mode", default="auto") or "auto")
-        if mode not in MODES:
-            raise KVBenchError(f"wandb.mode must be one of {', '.join(MODES)}, got '{mode}'")
+        configured_mode(conf)
         try:
             import wandb  # noqa: F401
         except ImportError as exc:
@@ -151,8 +181,10 @@ def start_run(
     config: Mapping[str, Any] | None = None,
     job_type: str | None = None,
     tags: list[str] | None = None,
+    run_id: str | None = None,
 ):
     """``wandb.init`` that degrades instead of failing; returns the run, or None when logging is impossible.
+    With ``run_id`` the run is that W&B run, resumed when it exists.
 
     Auto -> online with credentials, else offline (silently); online without credentials -> offline (with a
     warning); online init failure (no network, server error) -> one retry offline; offline failure -> warning
@@ -166,7 +198,11 @@ def start_run(
         mode = "online" if has_credentials() else "offline"
 
     if directory is not None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("W&B: cannot use %s as the W&B directory (%s); continuing without W&B logging", directory, exc)
+            return None
     if mode == "online" and not has_credentials():
         log.warning(
             "W&B: no API key (run `wandb login` or set WANDB_API_KEY); logging offline under %s, "
@@ -185,6 +221,8 @@ def start_run(
         tags=tags,
         settings=_settings(mode),
     )
+    if run_id:
+        kwargs.update(id=run_id, resume="allow")
     for attempt in ((mode,) if mode != "online" else ("online", "offline")):
         try:
             return wandb.init(mode=attempt, **kwargs)
@@ -192,6 +230,10 @@ def start_run(
             message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             if attempt == "online":
                 log.warning("W&B: online init failed (%s); retrying offline", message)
+                try:  # the failed init still holds its run id in wandb's service: a retry with that id needs a new one
+                    wandb.teardown()
+                except Exception:  # noqa: BLE001 - nothing to tear down
+                    pass
             else:
                 log.warning("W&B: could not start a %s run (%s); continuing without W&B logging", attempt, message)
     return None
@@ -233,32 +275,51 @@ def wandb_dir(cfg: Any, run_dir: str | Path) -> Path:
     return (Path(str(output_dir)) if output_dir else Path(run_dir).parent) / "wandb"
 
 
-def log_run(cfg: Any, metrics: dict, predictions: pd.DataFrame, run_dir: Path) -> None:
-    """Log one finished run (config, flattened metrics, predictions table, per-run figures) to W&B.
+def recorded_identity(run_dir: Path) -> dict | None:
+    """A finished run's ``identity.json`` (dtype, device, versions: what its config leaves as ``auto``), or None."""
+    try:
+        return json.loads((Path(run_dir) / "identity.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
+
+def log_run(cfg: Any, metrics: dict, predictions: pd.DataFrame, run_dir: Path) -> None:
+    """Log one finished run (config and identity, flattened metrics, predictions table, per-run figures) to W&B.
+
+    ``cfg`` is the config the run recorded (``config.yaml``); the identity comes from the run's ``identity.json``.
     Never raises for W&B problems: the run's files on disk are the source of truth, W&B is a mirror.
     """
     conf = _as_config(cfg)
-    mode = str(OmegaConf.select(conf, "wandb.mode", default="auto") or "auto")
-    if mode not in MODES:
-        raise KVBenchError(f"wandb.mode must be one of {', '.join(MODES)}, got '{mode}'")
+    mode = configured_mode(conf)
     if mode == "disabled":
         return
     run_dir = Path(run_dir)
     name = str(metrics.get("run_name") or run_dir.name)
+    try:
+        _log_run(conf, mode, name, metrics, predictions, run_dir, recorded_identity(run_dir))
+    except Exception as exc:  # noqa: BLE001 - never lose a finished run (or the rest of a sweep) over W&B
+        log.warning("W&B: logging %s failed (%s); results are still in %s", name, exc, run_dir)
+
+
+def _log_run(conf: DictConfig, mode: str, name: str, metrics: dict, predictions: pd.DataFrame, run_dir: Path,
+             identity: Mapping[str, Any] | None) -> None:
     tags = [str(metrics[k]) for k in ("dataset", "model", "press") if metrics.get(k)]
     if metrics.get("query_aware"):
         tags.append("query-aware")
+    config = resolved_config(conf)
+    if identity is not None:
+        config["identity"] = identity
     run = start_run(
-        project=str(OmegaConf.select(conf, "wandb.project", default="kvbench") or "kvbench"),
+        project=configured_project(conf),
         mode=mode,
         entity=OmegaConf.select(conf, "wandb.entity", default=None),
         group=OmegaConf.select(conf, "wandb.group", default=None) or sweep_group(),
         name=name,
         directory=wandb_dir(conf, run_dir),
-        config=resolved_config(conf),
+        config=config,
         job_type="eval",
         tags=tags,
+        run_id=run_id(run_dir, identity),
     )
     if run is None:
         return
@@ -278,3 +339,36 @@ def log_run(cfg: Any, metrics: dict, predictions: pd.DataFrame, run_dir: Path) -
         log.warning("W&B: logging %s failed (%s); results are still in %s", name, exc, run_dir)
     finally:
         run.finish()
+
+
+def log_added_metrics(run_dir: Path, added: Mapping[str, Any]) -> None:
+    """Add metrics written into a finished run's ``metrics.json`` after it was logged (the comparison with a baseline
+    that finished later) to that run's W&B summary, with the W&B settings the run itself recorded. A run that was
+    not mirrored to W&B stays so."""
+    run_dir = Path(run_dir)
+    try:
+        conf = OmegaConf.load(run_dir / "config.yaml")
+        identity = recorded_identity(run_dir)
+        if check_logger(conf) != "wandb":
+            return
+        mode = configured_mode(conf)
+        if mode == "disabled":
+            return
+        run = start_run(
+            project=configured_project(conf),
+            mode=mode,
+            entity=OmegaConf.select(conf, "wandb.entity", default=None),
+            group=OmegaConf.select(conf, "wandb.group", default=None),
+            name=run_dir.name,
+            directory=wandb_dir(conf, run_dir),
+            job_type="eval",
+            run_id=run_id(run_dir, identity),
+        )
+        if run is None:
+            return
+        try:
+            run.summary.update(flatten_metrics(dict(added)))
+        finally:
+            run.finish()
+    except Exception as exc:  # noqa: BLE001 - metrics.json already holds the numbers; W&B is a mirror
+        log.warning("W&B: updating %s failed (%s); its metrics.json is up to date", run_dir.name, exc)

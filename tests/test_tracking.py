@@ -255,3 +255,101 @@ def test_auto_mode_is_offline_without_a_key_and_online_with_one(finished_run, mo
     monkeypatch.setattr(tracking, "has_credentials", lambda: True)
     monkeypatch.setattr(wandb, "init", lambda mode, **kwargs: modes.append(mode))
     assert tracking.start_run(project="p", mode="auto") is None and modes == ["online"]
+
+
+def test_the_wandb_config_carries_the_runs_identity(finished_run):
+    """dtype and device are ``auto`` in the config; what they resolved to (and the versions) is in the identity."""
+    cfg, metrics, predictions, run_dir = finished_run
+    identity = {"config": {"press": {"name": "snapkv"}}, "dtype": "float32", "device_type": "cpu", "torch": "2.13.0"}
+    (run_dir / "identity.json").write_text(json.dumps(identity))
+    tracking.log_run(cfg, metrics, predictions, run_dir)
+    (run,) = offline_runs(Path(cfg["output_dir"]) / "wandb")
+    assert read_offline_run(run)["config"]["identity"] == identity
+    assert run.name.endswith(tracking.run_id(run_dir, identity))
+
+
+def test_a_wandb_setup_error_costs_one_warning_not_the_run(finished_run, tmp_path, caplog):
+    cfg, metrics, predictions, run_dir = finished_run
+    (tmp_path / "a-file").write_text("")
+    cfg["wandb"]["dir"] = str(tmp_path / "a-file" / "sub")  # cannot be created
+    with caplog.at_level(logging.WARNING, logger="kvbench.tracking"):
+        tracking.log_run(cfg, metrics, predictions, run_dir)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "a-file" in warnings[0], warnings
+
+
+def test_auto_mode_follows_an_exported_wandb_mode_and_project(finished_run, monkeypatch):
+    cfg, metrics, predictions, run_dir = finished_run
+    cfg["wandb"].update(mode="auto", project=None)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tracking.log_run(cfg, metrics, predictions, run_dir)
+    assert not (Path(cfg["output_dir"]) / "wandb").exists()
+    seen = {}
+    monkeypatch.setattr(tracking, "start_run", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(tracking, "has_credentials", lambda: True)  # a key must not turn an exported offline online
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    tracking.log_run(cfg, metrics, predictions, run_dir)
+    assert seen["mode"] == "offline" and seen["project"] == "from-env"
+    cfg["wandb"].update(mode="online", project="explicit")  # an explicit setting wins over the environment
+    tracking.log_run(cfg, metrics, predictions, run_dir)
+    assert seen["mode"] == "online" and seen["project"] == "explicit"
+    cfg["wandb"]["mode"] = "auto"
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(KVBenchError, match="WANDB_MODE=sometimes is not a W&B mode"):
+        tracking.check_logger(cfg)
+
+
+def test_leaderboard_wandb_without_the_package_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    results = tmp_path / "results"
+    make_results_tree(results)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    assert leaderboard_main([str(results), "--wandb"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --wandb needs the wandb package") and err.count("\n") == 1
+    assert not (results / "leaderboard").exists()
+
+
+def test_push_leaderboard_disabled_writes_and_reports_nothing(tmp_path):
+    results = tmp_path / "results"
+    make_results_tree(results)
+    board = build_leaderboard(results, push_wandb=True, wandb_mode="disabled")
+    assert board.wandb_dir is None and "wandb:" not in board.summary()
+
+
+@pytest.mark.integration
+def test_a_comparison_filled_in_later_reaches_the_runs_wandb_summary(tmp_path):
+    """knorm finishes before its no_press baseline: the comparison the baseline writes into knorm's metrics.json
+    is added to knorm's own W&B run (same id), and the no_press run's W&B config says ratio 0, as its config.yaml."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "mill.txt").write_text("The river ran past the mill and the miller counted his sacks. " * 120)
+    out = tmp_path / "results"
+    common = ["dataset=pg19", "dataset.source=local", f"dataset.path={books}", "dataset.context_length=96",
+              "dataset.eval_length=16", "dataset.max_windows_per_book=2", f"output_dir={out}", "logger=wandb",
+              "wandb.mode=offline"]
+    root = Path(__file__).resolve().parents[1]
+    for args in (["press=knorm", "compression_ratio=0.5"], ["-m", "press=no_press", "compression_ratio=0.5"]):
+        done = subprocess.run([sys.executable, "-m", "kvbench", *args, *common], cwd=root, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    (knorm_dir,) = out.glob("*__knorm__*")
+    (baseline_dir,) = out.glob("*__no_press__*")
+    metrics = json.loads((knorm_dir / "metrics.json").read_text())
+    knorm_id = tracking.run_id(knorm_dir, json.loads((knorm_dir / "identity.json").read_text()))
+    runs = offline_runs(out / "wandb")
+    knorm_runs = [read_offline_run(run) for run in runs if run.name.endswith(knorm_id)]
+    assert len(runs) == 3 and len(knorm_runs) == 2
+    assert "no_press_perplexity" not in knorm_runs[0]["summary"]
+    for key in ("no_press_perplexity", "delta", "ratio"):
+        assert knorm_runs[1]["summary"][key] == metrics[key]
+    (baseline_run,) = [read_offline_run(run) for run in runs if not run.name.endswith(knorm_id)]
+    assert yaml.safe_load((baseline_dir / "config.yaml").read_text())["compression_ratio"] == 0.0
+    assert baseline_run["config"]["compression_ratio"] == 0.0

@@ -95,6 +95,11 @@ def build_leaderboard(
     wandb_entity: str | None = None,
 ) -> Leaderboard:
     """Load every complete run and write the leaderboard files (default: ``<results_dir>/leaderboard/``)."""
+    if push_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise KVBenchError("--wandb needs the wandb package: pip install wandb (or leave out --wandb)") from exc
     table, skipped = load_results(results_dir)
     if table.empty:
         hint = f" ({len(skipped)} skipped as incomplete or corrupt)" if skipped else ""

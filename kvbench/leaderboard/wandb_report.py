@@ -40,8 +40,10 @@ def push_leaderboard(
     """Log the leaderboard table, per-block score grids and plots into one run; return its local dir.
 
     Returns None (after a warning from ``start_run``) when no W&B run could be started, so a CLI can
-    still finish writing its local files.
+    still finish writing its local files, and in ``disabled`` mode (which writes nothing).
     """
+    if mode == "disabled":
+        return None
     run = start_run(
         project=project,
         mode=mode,
