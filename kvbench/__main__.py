@@ -34,14 +34,45 @@ def check_group_choices(argv: list[str]) -> None:
                 raise KVBenchError(f"unknown {group} '{choice}'; valid names: {', '.join(valid)}" + (f" ({hint})" if hint else ""))
 
 
+def check_output_dir(argv: list[str]) -> None:
+    """An ``output_dir`` that cannot be created: one line (Hydra creates its run directory inside it before kvbench
+    runs, and its own error is a traceback)."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "output_dir" and value and "," not in value:
+            try:
+                Path(value).expanduser().mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise KVBenchError(f"output_dir={value} cannot be created ({exc.strerror or exc}); choose another output_dir") from exc
+
+
+def check_budget_alone(cfg: DictConfig, overrides: list[str]) -> None:
+    """``budget`` keeps N tokens per head whatever the ratio says: a ratio given beside it would name and record a run
+    that does not use it (and a sweep over ratios would compute one run under several names)."""
+    if cfg.get("budget") is None:
+        return
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+~") == "compression_ratio":
+            raise KVBenchError(f"budget={cfg.budget} keeps {cfg.budget} tokens per head whatever compression_ratio says; "
+                               f"drop compression_ratio={value} (or budget)")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from kvbench.results import variant_from_overrides
     from kvbench.runner import execute
 
     try:
-        variant = variant_from_overrides(list(HydraConfig.get().overrides.task))
+        overrides = list(HydraConfig.get().overrides.task)
+        check_budget_alone(cfg, overrides)
+        variant = variant_from_overrides(overrides)
         return execute(cfg, variant).get("score")
+    except KeyboardInterrupt:
+        # every finished sample is already in the run's checkpoint (<output_dir>/.partial/<run>/)
+        print(f"interrupted: the samples finished so far are kept under {cfg.output_dir}/.partial; rerun the same "
+              "command to resume from them", file=sys.stderr)
+        sys.exit(130)
     except KVBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -54,6 +85,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:])
+        check_output_dir(sys.argv[1:])
     except KVBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -33,8 +33,8 @@ class Prompt:
 class Answer:
     text: str
     token_ids: list[int]
-    ttft_seconds: float
-    seconds_per_token: float
+    question_seconds: float  # the question's pass over the compressed cache, up to the first token (no prefill)
+    seconds_per_token: float  # NaN when no token was decoded after the first
 
 
 @dataclass
@@ -104,7 +104,8 @@ def build_prompt(
     marker_context, marker_question = "\x00KVBENCH_CONTEXT\x00", "\x00KVBENCH_QUESTION\x00"
     if use_chat:
         rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": marker_context + marker_question}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": marker_context + marker_question}], add_generation_prompt=True, tokenize=False,
+            enable_thinking=False,  # Qwen3's template thinks unless told not to; kvpress' pipeline says not to
         )
     else:
         rendered = marker_context + marker_question
@@ -337,7 +338,8 @@ def greedy_decode_batch(model, cache, questions: list[torch.Tensor], max_new_tok
         next_ids = logits[:, -1].argmax(-1).cpu()
         steps += 1
     synchronize(device)
-    per_token = (time.perf_counter() - decode_start) / max(steps, 1)
+    # no step decoded (the first token ended every answer): nothing measured, not a step of zero seconds
+    per_token = (time.perf_counter() - decode_start) / steps if steps else float("nan")
     return tokens, ttft, per_token
 
 
@@ -424,7 +426,7 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], presses: list[Press]
             for i, (prompt, ids) in enumerate(zip(prompts, tokens)):
                 if j < len(prompt.question_ids):
                     text = tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
-                    answers[i].append(Answer(text=text, token_ids=ids, ttft_seconds=ttft, seconds_per_token=per_token))
+                    answers[i].append(Answer(text=text, token_ids=ids, question_seconds=ttft, seconds_per_token=per_token))
         out.append(_context_runs(prefilled, index, after, _own_peak(device, presses), answers))
         prefilled.caches[index] = None  # decoded: its memory can go before the next press' decoding
     return out

@@ -12,6 +12,8 @@ import functools
 import re
 from pathlib import Path
 
+from kvbench.errors import KVBenchError
+
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -31,6 +33,15 @@ def commit(repo_id: str, revision: str | None = None, repo_type: str = "model") 
     """The commit ``(repo_id, revision)`` resolves to: a full commit hash as given; online, the hub's answer;
     offline (or when the hub does not answer), the local cache's ref; None when neither knows (the load then fails
     with its own error). Asked once per process, so a run's identity and its load agree."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise KVBenchError(
+            f"'{repo_id}' is neither an existing directory nor a hub id (name or namespace/name); "
+            "check the spelling, or give the path of a local directory"
+        ) from exc
     return _resolved(repo_id, "main" if revision is None else str(revision), repo_type)
 
 

@@ -133,7 +133,10 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KVBenchError(f"device={device} was asked for but no CUDA device is visible; use device=cpu or device=auto")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise KVBenchError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:<index>") from exc
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -182,8 +185,9 @@ def _revision_kwargs(source: Path | str, revision: str | None) -> dict[str, str]
 
 def model_inputs(name_or_path: str, revision: str | None = None) -> dict[str, str | None]:
     """What the model's files are, for the run's identity: the packaged model's distribution version; for a local
-    directory its config, tokenizer and template files by content and its weight files by name and size (reading
-    gigabytes at every start would cost more than most runs); for a hub id the commit its revision resolves to."""
+    directory its config, tokenizer, template and weight files by content (the weights' digests are kept per machine:
+    reading gigabytes at every start would cost more than most runs); for a hub id the commit its revision
+    resolves to."""
     if name_or_path in PACKAGED_MODELS:
         distribution = _distribution(name_or_path)
         # gguf de-quantizes the weights of the converted copy (transformers is in every identity already).
@@ -193,7 +197,8 @@ def model_inputs(name_or_path: str, revision: str | None = None) -> dict[str, st
         return {"hub_commit": hub.commit(name_or_path, revision)}
     texts = [path for pattern in MODEL_TEXT_FILES for path in folder.glob(pattern)]
     weights = [path for pattern in MODEL_WEIGHT_FILES for path in folder.glob(pattern)]
-    return {"model_files": files_digest(texts, folder), "model_weights": files_digest(weights, folder, contents=False)}
+    return {"model_files": files_digest(texts, folder),
+            "model_weights": files_digest(weights, folder, store=cache_root() / "weight-digests")}
 
 
 def _hub_error(source: str, exc: Exception) -> KVBenchError:

@@ -43,6 +43,7 @@ MAX_VARIANT = 80
 SPEED_COLUMNS = {
     "prefill_seconds": "mean",
     "compression_seconds": "mean",
+    "question_seconds": "mean",
     "ttft_seconds": "mean",
     "seconds_per_token": "mean",
     "kv_bytes_before": "mean",
@@ -188,7 +189,8 @@ def run_identity(config: DictConfig, *, dtype: str, device_type: str, device_nam
     ``kvbench.fingerprint``). ``kvbench_source`` is the digest of the code itself, which the commit misses when
     the checkout has uncommitted edits or kvbench was installed without git. ``device_name`` (the GPU or CPU
     model) because rounding and speed differ between devices of one type; ``flash_attn`` because where it is
-    installed it computes the attention of head-adaptive layers and of ``attn_implementation=flash_attention_2``.
+    installed it computes the attention of head-adaptive layers and of ``attn_implementation=flash_attention_2``;
+    ``tokenizers`` because it turns every prompt into the ids the model reads (RULER sizes its haystacks with it).
     """
     return {
         "config": identity_config(config),
@@ -198,6 +200,7 @@ def run_identity(config: DictConfig, *, dtype: str, device_type: str, device_nam
         "kvbench_source": source_digest(),
         "torch": _version("torch"),
         "transformers": _version("transformers"),
+        "tokenizers": _version("tokenizers"),
         "flash_attn": _version("flash-attn"),
         "dtype": dtype,
         "device_type": device_type,
@@ -254,7 +257,7 @@ class RunDirectory:
     def is_complete(self) -> bool:
         if not all((self.path / f).is_file() for f in RESULT_FILES):
             return False
-        return _read_json(self.path / "metrics.json") is not None
+        return isinstance(_read_json(self.path / "metrics.json"), dict)  # torn or not an object: not finished
 
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text())

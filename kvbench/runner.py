@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from kvbench.model_access import batch_dependent_rope
 from kvbench.models import ModelSpec, load_config, load_model, max_length, model_inputs, resolve_device, resolve_dtype
 from kvbench.presses import build_press, check_attention
 from kvbench.results import SPEED_COLUMNS, RunDirectory, identity_apart_from, identity_difference, run_identity, run_name
+from kvbench.known_keys import check_known_keys
 from kvbench.tracking import check_logger
 
 log = logging.getLogger("kvbench")
@@ -107,8 +109,11 @@ def lengths_under_test(module, dcfg) -> list[tuple[str, int]]:
 
 
 def _largest_int(value) -> int | None:
+    """The largest whole number among the values: ``9000.0`` is the length 9000 the dataset builds, so it is
+    checked as one (skipping it would let the prompt be cut silently)."""
     values = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
-    numbers = [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    numbers = [int(v) for v in values
+               if (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())]
     return max(numbers) if numbers else None
 
 
@@ -134,6 +139,9 @@ def check_lengths(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Fail before loading anything heavy (the registries raise for unknown names)."""
+    check_known_keys(cfg)
+    if not str(cfg.model.get("name") or "").strip():
+        raise KVBenchError("model.name must name the model in result directories (e.g. model.name=my-llama), got nothing")
     for key in ("budget", "seed"):
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -311,7 +319,10 @@ def generate_predictions(ctx: RunContext, df: pd.DataFrame) -> None:
                         continue
                     record = {k: v for k, v in row.items() if k != "context"}
                     record.update(speed)
-                    record.update(prediction=answer.text, output_tokens=len(answer.token_ids), ttft_seconds=answer.ttft_seconds,
+                    # time to first token: the context's prefill (compression included), then the question's pass
+                    record.update(prediction=answer.text, output_tokens=len(answer.token_ids),
+                                  question_seconds=answer.question_seconds,
+                                  ttft_seconds=run.prefill_seconds + answer.question_seconds,
                                   seconds_per_token=answer.seconds_per_token, truncated_tokens=prompt.truncated_tokens,
                                   short_context=bool(short))
                     rows.append(record)
@@ -454,6 +465,11 @@ def _prepare(cfg: DictConfig, variant: str) -> Job:
     logger = check_logger(cfg)
     identity = expected_identity(cfg)
     directory = result_directory(cfg, variant)
+    try:
+        directory.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KVBenchError(f"output_dir={cfg.output_dir} cannot be created ({exc.strerror or exc}); "
+                           "choose another output_dir") from exc
     return Job(cfg, variant, directory.name, directory, identity, logger)
 
 
@@ -601,11 +617,7 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
             reference = baseline.baseline_metrics(cfg, job.identity)
             if reference is not None:
                 metrics.update(scorer.compare_to_baseline(metrics, reference))
-        staging = job.directory.staging()
-        if hasattr(scorer, "write_artifacts"):
-            scorer.write_artifacts(predictions, staging)
-        path = job.directory.finalize(staging, predictions, metrics, recorded_config(cfg), job.identity,
-                                      overwrite=bool(cfg.overwrite))
+        path = _finalize(job, scorer, predictions, metrics)
         if compared and cfg.press.name == "no_press":
             filled = baseline.fill_in_comparisons(cfg, job.identity, metrics, scorer.compare_to_baseline)
             for run, added in filled:
@@ -621,6 +633,24 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
         log_run(recorded_config(cfg), metrics, predictions, path)
     print_summary(metrics, path)
     return metrics
+
+
+def _finalize(job: Job, scorer, predictions: pd.DataFrame, metrics: dict) -> Path:
+    """Write the result directory; a write that fails (a full disk) leaves no staging behind and says how to resume:
+    the rows are in the run's checkpoint."""
+    staging = None
+    try:
+        staging = job.directory.staging()
+        if hasattr(scorer, "write_artifacts"):
+            scorer.write_artifacts(predictions, staging)
+        return job.directory.finalize(staging, predictions, metrics, recorded_config(job.cfg), job.identity,
+                                      overwrite=bool(job.cfg.overwrite))
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise KVBenchError(f"could not write the results of {job.name} ({exc.strerror or exc}); its {len(predictions)} "
+                           f"samples are checkpointed: free space or fix {job.directory.root} and rerun the same "
+                           "command to finish without recomputing them") from exc
 
 
 def print_summary(metrics: dict, path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from kvbench.device import device_model
+from kvbench.errors import KVBenchError
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,16 @@ def complete_dirs(out: Path) -> list[Path]:
         (["compression_ratio=-0.1"], "compression_ratio must be a number in [0, 1)"),
         (["model.name_or_path=/does/not/exist"], "model directory '/does/not/exist' does not exist"),
         (["model.name_or_path=kvbench-test-org/no-such-model"], "could not load 'kvbench-test-org/no-such-model' from the Hugging Face hub"),
+        # a setting no config file declares (a typo added with +) would run on the defaults under its own name
+        (["budget=32", "compression_ratio=0.25"], "budget=32 keeps 32 tokens per head whatever compression_ratio says; "
+                                                   "drop compression_ratio=0.25 (or budget)"),
+        (["device=foo"], "unknown device 'foo'; use auto, cpu, cuda or cuda:<index>"),
+        (["model.name="], "model.name must name the model in result directories"),
+        (["+dataset.eval_len=8"], "dataset 'pg19' has no setting eval_len; known: context_length, eval_length,"),
+        (["+sed=1"], "kvbench has no setting sed; known: batch_size, budget,"),
+        (["+model.dtyp=float32"], "model has no setting dtyp; known: attn_implementation, dtype,"),
+        (["dataset=pg19", "dataset.source=hub", "dataset.hub_id=/no/such/books"],
+         "'/no/such/books' is neither an existing directory nor a hub id (name or namespace/name)"),
         (["model.revision=main"], "model.revision=main names a hub commit, but the model is read from"),
         (["+press.window_size=8", "press=knorm"], "press 'knorm' has no parameter window_size"),
         (["logger=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
@@ -81,6 +93,16 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, e
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert complete_dirs(out) == []
+
+
+@pytest.mark.parametrize("name", ["a/b/c", "Qwen/Qwen3 8B", "bad..name"])
+def test_a_malformed_hub_id_is_a_clear_error_where_the_identity_asks_for_its_commit(name):
+    """LongBench asks for the model's commit before anything checks the name (the length check only runs for
+    datasets whose length is under test); huggingface_hub's validation error was a traceback."""
+    from kvbench.models import model_inputs
+
+    with pytest.raises(KVBenchError, match=f"'{re.escape(name)}' is neither an existing directory nor a hub id"):
+        model_inputs(name)
 
 
 @pytest.mark.parametrize(
@@ -156,9 +178,11 @@ def test_decode_timing_is_refused_for_a_generation_dataset(tmp_path):
     assert "decode_timing_tokens applies to perplexity datasets; dataset 'ruler' times its own decoding" in errors[0]
 
 
-def kill_after_two_windows(args: list[str], out: Path) -> int:
-    """Start ``python -m kvbench *args``, SIGKILL it once its checkpoint holds two windows; the rows it holds."""
-    process = subprocess.Popen([sys.executable, "-m", "kvbench", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def kill_after_two_windows(args: list[str], out: Path, sig: int = signal.SIGKILL, seen: list | None = None) -> int:
+    """Start ``python -m kvbench *args``, send ``sig`` once its checkpoint holds two windows; the rows it holds
+    (``seen`` gets the exit status and the output)."""
+    process = subprocess.Popen([sys.executable, "-m", "kvbench", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     deadline = time.time() + 240
     rows = None
     while time.time() < deadline and process.poll() is None:
@@ -168,9 +192,32 @@ def kill_after_two_windows(args: list[str], out: Path) -> int:
             break
         time.sleep(0.05)
     assert rows is not None, "the run never checkpointed a window"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=120)
+    if seen is not None:
+        seen.extend([process.returncode, output])
     return len(rows.read_text().splitlines())
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, books):
+    out = tmp_path / "results"
+    args = pg19_args(books, out, "press=knorm", "compression_ratio=0.5")
+    seen: list = []
+    done_before = kill_after_two_windows(args, out, signal.SIGINT, seen)
+    status, output = seen
+    assert status == 130 and "Traceback" not in output, output[-2000:]
+    assert f"interrupted: the samples finished so far are kept under {out}/.partial; rerun the same command" in output
+    assert complete_dirs(out) == []
+    resumed = kvbench(*args)
+    assert resumed.returncode == 0 and f"resuming after {done_before} finished samples" in resumed.stdout
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, books):
+    (tmp_path / "a-file").write_text("")
+    result = kvbench(*pg19_args(books, tmp_path / "a-file" / "results"), env={"HF_HUB_OFFLINE": "1"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"output_dir={tmp_path / 'a-file' / 'results'} cannot be created (Not a directory); choose another" in errors[0]
 
 
 def test_run_skip_kill_and_resume(tmp_path, books):
@@ -329,4 +376,35 @@ def test_batching_a_model_whose_rope_follows_the_longest_context_is_refused(tmp_
     assert complete_dirs(out) == [] and not (out / ".partial").exists()
     alone = kvbench(*args, env={"HF_HUB_OFFLINE": "1"})
     assert alone.returncode == 0, alone.stderr[-2000:]
+    assert len(complete_dirs(out)) == 1
+
+
+def test_a_failed_result_write_leaves_no_staging_and_the_rerun_resumes(tmp_path, books, monkeypatch):
+    """A full disk at the end of a run: one error saying the rows are kept, no hidden staging directory left behind
+    (it sat on the full disk), and the rerun finishes from the checkpoint."""
+    import errno
+
+    from hydra import compose, initialize_config_dir
+
+    from kvbench import runner
+    from kvbench.results import RunDirectory
+
+    out = tmp_path / "results"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=pg19_args(books, out, "press=knorm", "dataset.max_windows_per_book=2"))
+    finalize = RunDirectory.finalize
+
+    def disk_full(self, staging, *args, **kwargs):
+        (staging / "predictions.csv").write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunDirectory, "finalize", disk_full)
+    with pytest.raises(KVBenchError, match=r"could not write the results of .*knorm.* \(No space left on device\); its 2 "
+                                           r"samples are checkpointed: free space or fix .* and rerun the same command"):
+        runner.execute(cfg)
+    assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == [] and complete_dirs(out) == []
+    (rows,) = (out / ".partial").glob("*/rows.jsonl")
+    assert len(rows.read_text().splitlines()) == 2
+    monkeypatch.setattr(RunDirectory, "finalize", finalize)
+    assert runner.execute(cfg)["num_windows"] == 2
     assert len(complete_dirs(out)) == 1

@@ -47,7 +47,8 @@ def test_local_books_and_packaged_data_enter_the_identity(tmp_path):
     assert set(identity("dataset=ruler", "dataset.source=hub")["inputs"]["data"]) == {"hub_commit"}
 
 
-def test_a_local_model_directory_enters_the_identity(tmp_path):
+def test_a_local_model_directory_enters_the_identity(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
@@ -57,9 +58,25 @@ def test_a_local_model_directory_enters_the_identity(tmp_path):
     (folder / "config.json").write_text('{"model_type": "llama", "rope_theta": 5e5}')
     second = model_inputs(str(folder))
     assert second["model_files"] != first["model_files"] and second["model_weights"] == first["model_weights"]
-    (folder / "model.safetensors").write_bytes(b"x" * 101)
-    assert model_inputs(str(folder))["model_weights"] != second["model_weights"]
+    (folder / "model.safetensors").write_bytes(b"y" * 100)  # other weights of the same size: a fine-tune saved over it
+    third = model_inputs(str(folder))
+    assert third["model_weights"] != second["model_weights"]
+    assert len(list((tmp_path / "cache" / "weight-digests").iterdir())) == 2  # each version hashed once, then kept
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    assert model_inputs(str(folder))["model_weights"] == first["model_weights"]  # by content, not by date
     assert set(model_inputs("meta-llama/Llama-3.1-8B-Instruct")) == {"hub_commit"}  # a hub id: the commit it reads
+
+
+def test_a_stored_weight_digest_is_read_back_and_a_rewrite_is_hashed_again(tmp_path, monkeypatch):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x" * 64)
+    store = tmp_path / "store"
+    first = fingerprint.stored_file_digest(weights, store)
+    (entry,) = store.iterdir()
+    entry.write_text("f" * 64)  # what a later process finds: the stored digest, no hashing
+    assert fingerprint.stored_file_digest(weights, store) == "f" * 64
+    weights.write_bytes(b"z" * 64)
+    assert fingerprint.stored_file_digest(weights, store) not in ("f" * 64, first)
 
 
 def test_the_source_digest_follows_every_python_file(tmp_path):

@@ -527,3 +527,35 @@ def test_a_sample_count_that_is_not_a_count_is_refused_before_loading(num_sample
     lb.check({"tasks": ["hotpotqa"], "num_samples": None})
     with pytest.raises(KVBenchError, match="unknown LongBench-E task"):
         lb.check({"tasks": ["nope"]})
+
+
+def test_records_of_another_schema_are_refused_not_scored_as_empty(longbench_dir):
+    """A file with question/passage/answer keys used to load as empty questions with no answers and score 0."""
+    _write_jsonl(longbench_dir / "hotpotqa_e.jsonl", [{"question": "Who?", "passage": "text", "answer": "x", "_id": "a"}])
+    with pytest.raises(KVBenchError, match=r"record 0 has no context, input, answers; its records need the keys"):
+        lb.load({"tasks": ["hotpotqa"], "path": str(longbench_dir)}, None)
+    record = _record("lcc", 0, 300)
+    record["input"] = ""  # lcc has no question: an empty input is LongBench's own
+    _write_jsonl(longbench_dir / "lcc_e.jsonl", [record])
+    assert len(lb.load({"tasks": ["lcc"], "path": str(longbench_dir)}, None)) == 1
+
+
+QWEN3_STYLE_TEMPLATE = (  # the part of Qwen3's template that decides thinking
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def test_a_thinking_template_is_told_not_to_think(tokenizer):
+    """Qwen3 thinks unless the template gets enable_thinking=False, as kvpress' pipeline passes it; a thinking turn
+    would spend the answer's few tokens inside <think>."""
+    import copy
+
+    from kvbench.generation import build_prompt
+
+    qwen_like = copy.deepcopy(tokenizer)
+    qwen_like.chat_template = QWEN3_STYLE_TEMPLATE
+    prompt = build_prompt(qwen_like, "Some context.", ["Which?"], "Answer:", use_chat_template=True)
+    turn = qwen_like.decode(prompt.question_ids[0][0].tolist())
+    assert turn.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nAnswer:"), turn

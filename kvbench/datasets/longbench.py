@@ -18,6 +18,7 @@ import pandas as pd
 
 from kvbench import hub
 from kvbench.datasets.options import positive_int
+from kvbench.datasets.unique_ids import UniqueIds
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import files_digest
 
@@ -246,16 +247,22 @@ def _as_classes(value: Any) -> list[str] | None:
     return classes or None
 
 
+REQUIRED_KEYS = ("context", "input", "answers")  # LongBench's schema; an empty input (lcc, repobench-p) is fine
+
+
 def build_rows(task: str, records: Iterable[Mapping[str, Any]]) -> list[dict]:
     """Turn LongBench records (their jsonl schema) into canonical kvbench rows for ``task``."""
     context_template, question_template, answer_prefix = split_template(task)
     rows = []
-    seen: dict[str, int] = {}
+    unique = UniqueIds()
     for index, record in enumerate(records):
-        source_id = str(record.get("_id") or index)
-        seen[source_id] = seen.get(source_id, 0) + 1
-        if seen[source_id] > 1:  # a repeated _id is still its own sample (LongBench scores every record)
-            source_id = f"{source_id}_{seen[source_id]}"
+        missing = [key for key in REQUIRED_KEYS if key not in record]
+        if missing:  # another file's schema would be scored as empty questions against no answers
+            raise KVBenchError(
+                f"LongBench task '{task}': record {index} has no {', '.join(missing)}; its records need the keys "
+                f"{', '.join(REQUIRED_KEYS)} (point dataset.path at LongBench's own jsonl files)"
+            )
+        source_id = unique(str(record.get("_id") or index))  # a repeated _id is still a sample (LongBench scores all)
         context_text = str(record.get("context") or "")
         input_text = str(record.get("input") or "")
         rows.append(

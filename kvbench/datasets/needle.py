@@ -37,8 +37,11 @@ LENGTH_KEYS = (("context_lengths", "max_new_tokens"),)
 HAYSTACKS = ("essays", "austen")
 QUESTION_TEMPLATE = "\n\nUsing only the document above, answer in one short sentence: {question}"
 ESSAYS_FILE = "PaulGrahamEssays.json"  # in the folder ruler_data.data_dir() finds
-# A sentence ends with . ! or ?, maybe a closing quote/bracket, then whitespace; the next one starts after it.
-_SENTENCE_END = re.compile(r"[.!?][\"'\u2019\u201d)\]]*\s+")
+# A sentence ends with . ! or ?, maybe a closing quote/bracket, then whitespace; the next one starts after it. A
+# title's or an initial's full stop ends none ("Mr. Henry Dashwood", "J. Austen", "U.S. law"): the needle would
+# split a name.
+_SENTENCE_END = re.compile(
+    r"(?:(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\b[A-Z])\.|[!?])[\"'\u2019\u201d)\]]*\s+")
 
 
 def essays_text() -> str:
@@ -169,17 +172,22 @@ def build_context(tokenizer: Any, source: str, needle: str, length: int, depth: 
     Joining text at the insertion point can merge or split a token or two, so the haystack budget is
     corrected once from the measured length.
     """
-    budget = length - count_tokens(tokenizer, " " + needle)
+    needle_tokens = count_tokens(tokenizer, " " + needle)
+    budget = length - needle_tokens
     if budget < 1:
-        raise KVBenchError(f"context length {length} is too short to hold the needle; use dataset.context_lengths above {length}")
+        raise KVBenchError(f"context length {length} is too short to hold the needle ({needle_tokens} tokens); "
+                           f"use dataset.context_lengths above {needle_tokens}")
+    best = None  # the longest try that is not over the length (the label must not understate the context)
     for _ in range(2):
         haystack = token_prefix(tokenizer, source, budget)
         context, index = insert_needle(haystack, needle, depth, _token_starts(tokenizer, haystack))
         measured = count_tokens(tokenizer, context)
+        if measured <= length and (best is None or measured > best[2]):
+            best = (context, index, measured)
         if measured == length:
             break
         budget += length - measured
-    return context, index, measured
+    return best if best is not None else (context, index, measured)
 
 
 def _is_number(value: Any) -> bool:

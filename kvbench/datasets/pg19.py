@@ -23,6 +23,7 @@ import pandas as pd
 from kvbench import hub
 from kvbench.errors import KVBenchError
 from kvbench.datasets.options import positive_int
+from kvbench.datasets.unique_ids import UniqueIds
 from kvbench.fingerprint import folder_digest
 
 KIND = "perplexity"  # windows scored by teacher forcing, no question
@@ -84,15 +85,12 @@ def _hub_books(hub_id: str, split: str, limit: int | None, revision: str | None)
         stream: Iterable[Mapping[str, Any]] = datasets.load_dataset(
             hub_id, split=split, streaming=True, revision=hub.load_revision(hub_id, revision, "dataset"))
         books = []
-        seen: dict[str, int] = {}
+        unique = UniqueIds()
         for index, record in enumerate(stream):
             if limit is not None and len(books) >= limit:
                 break
             title = record.get("short_book_title") or record.get("title") or record.get("id") or f"book_{index}"
-            book_id = _slug(str(title))
-            seen[book_id] = seen.get(book_id, 0) + 1
-            if seen[book_id] > 1:
-                book_id = f"{book_id}_{seen[book_id]}"
+            book_id = unique(_slug(str(title)))
             books.append((book_id, str(record["text"])))
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, missing column: all need the same advice
         if "scripts are no longer supported" in str(exc):
