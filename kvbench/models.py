@@ -201,11 +201,31 @@ def model_inputs(name_or_path: str, revision: str | None = None) -> dict[str, st
             "model_weights": files_digest(weights, folder, store=cache_root() / "weight-digests")}
 
 
+def _hub_reason(exc: BaseException) -> str:
+    """What to do about a failed hub load: transformers wraps the hub's own error (gated, not found, offline) in an
+    OSError, so the reason is looked for down the exception's chain."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return "the repository is gated: accept its license on the hub, then set HF_TOKEN or run `hf auth login`"
+    if any(isinstance(e, RevisionNotFoundError) for e in chain):
+        return "the repository has no such revision: check model.revision"
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return "no such repository, or a private one: check the id, or set HF_TOKEN"
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the model is not in the local hub cache: download it once with network"
+    return "check the id and your network or HF_TOKEN"
+
+
 def _hub_error(source: str, exc: Exception) -> KVBenchError:
-    return KVBenchError(
-        f"could not load '{source}' from the Hugging Face hub ({type(exc).__name__}); "
-        f"check the id and your network or HF_TOKEN, or use the offline default model=smollm2-135m"
-    )
+    return KVBenchError(f"could not load '{source}' from the Hugging Face hub ({type(exc).__name__}): "
+                        f"{_hub_reason(exc)}, or use the offline default model=smollm2-135m")
 
 
 def load_tokenizer(name_or_path: str = "smollm2-135m", revision: str | None = None):

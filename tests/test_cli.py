@@ -54,12 +54,13 @@ def complete_dirs(out: Path) -> list[Path]:
         (["compression_ratio=1.5"], "compression_ratio must be a number in [0, 1)"),
         (["compression_ratio=-0.1"], "compression_ratio must be a number in [0, 1)"),
         (["model.name_or_path=/does/not/exist"], "model directory '/does/not/exist' does not exist"),
-        (["model.name_or_path=kvbench-test-org/no-such-model"], "could not load 'kvbench-test-org/no-such-model' from the Hugging Face hub"),
-        # a setting no config file declares (a typo added with +) would run on the defaults under its own name
+        (["model.name_or_path=kvbench-test-org/no-such-model"], "could not load 'kvbench-test-org/no-such-model' from the "
+         "Hugging Face hub (OSError): HF_HUB_OFFLINE is set and the model is not in the local hub cache"),
         (["budget=32", "compression_ratio=0.25"], "budget=32 keeps 32 tokens per head whatever compression_ratio says; "
                                                    "drop compression_ratio=0.25 (or budget)"),
         (["device=foo"], "unknown device 'foo'; use auto, cpu, cuda or cuda:<index>"),
         (["model.name="], "model.name must name the model in result directories"),
+        # a setting no config file declares (a typo added with +) would run on the defaults under its own name
         (["+dataset.eval_len=8"], "dataset 'pg19' has no setting eval_len; known: context_length, eval_length,"),
         (["+sed=1"], "kvbench has no setting sed; known: batch_size, budget,"),
         (["+model.dtyp=float32"], "model has no setting dtyp; known: attn_implementation, dtype,"),
@@ -93,6 +94,42 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, e
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert complete_dirs(out) == []
+
+
+def _wrapped(inner: Exception) -> OSError:
+    """``inner`` as transformers raises it: inside an OSError of its own."""
+    try:
+        try:
+            raise inner
+        except Exception as exc:
+            raise OSError("We couldn't connect to the hub or find the file") from exc
+    except OSError as outer:
+        return outer
+
+
+def test_a_failed_hub_load_says_why(monkeypatch):
+    """Gated, missing, a wrong revision and offline-without-cache used to read alike ("check the id and your
+    network"); the reason is taken from the hub's error inside transformers' OSError."""
+    import httpx
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from kvbench.models import _hub_error
+
+    response = httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cases = {
+        GatedRepoError("gated", response=response): "the repository is gated: accept its license on the hub",
+        RepositoryNotFoundError("404", response=response): "no such repository, or a private one",
+        RevisionNotFoundError("404", response=response): "the repository has no such revision: check model.revision",
+        ConnectionError("no route"): "check the id and your network or HF_TOKEN",
+    }
+    for inner, reason in cases.items():
+        message = str(_hub_error("org/model", _wrapped(inner)))
+        assert message.startswith("could not load 'org/model' from the Hugging Face hub (OSError): " + reason), message
+        assert message.endswith(", or use the offline default model=smollm2-135m") and "\n" not in message
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE is set and the model is not in the local hub cache" in str(_hub_error("org/model", _wrapped(OSError())))
 
 
 @pytest.mark.parametrize("name", ["a/b/c", "Qwen/Qwen3 8B", "bad..name"])
