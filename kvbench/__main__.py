@@ -40,10 +40,9 @@ def check_output_dir(argv: list[str]) -> None:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+") == "output_dir" and value and "," not in value:
-            try:
-                Path(value).expanduser().mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise KVBenchError(f"output_dir={value} cannot be created ({exc.strerror or exc}); choose another output_dir") from exc
+            from kvbench.results import create_output_dir
+
+            create_output_dir(value)
 
 
 def check_budget_alone(cfg: DictConfig, overrides: list[str]) -> None:

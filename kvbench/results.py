@@ -53,6 +53,14 @@ SPEED_COLUMNS = {
 }
 
 
+def create_output_dir(output_dir: str | Path) -> None:
+    """Create ``output_dir`` (and its parents), or say in one line that it cannot be."""
+    try:
+        Path(output_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KVBenchError(f"output_dir={output_dir} cannot be created ({exc.strerror or exc}); choose another output_dir") from exc
+
+
 def format_ratio(ratio: float) -> str:
     """0.5 -> '0.50', 0.875 -> '0.875', 0.3333 -> '0.3333': unambiguous and sortable by eye."""
     text = f"{float(ratio):.6f}".rstrip("0")

@@ -31,7 +31,8 @@ from kvbench.metrics import metrics_module
 from kvbench.model_access import batch_dependent_rope
 from kvbench.models import ModelSpec, load_config, load_model, max_length, model_inputs, resolve_device, resolve_dtype
 from kvbench.presses import build_press, check_attention
-from kvbench.results import SPEED_COLUMNS, RunDirectory, identity_apart_from, identity_difference, run_identity, run_name
+from kvbench.results import (SPEED_COLUMNS, RunDirectory, create_output_dir, identity_apart_from, identity_difference,
+                             run_identity, run_name)
 from kvbench.known_keys import check_known_keys
 from kvbench.tracking import check_logger
 
@@ -465,11 +466,7 @@ def _prepare(cfg: DictConfig, variant: str) -> Job:
     logger = check_logger(cfg)
     identity = expected_identity(cfg)
     directory = result_directory(cfg, variant)
-    try:
-        directory.root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KVBenchError(f"output_dir={cfg.output_dir} cannot be created ({exc.strerror or exc}); "
-                           "choose another output_dir") from exc
+    create_output_dir(cfg.output_dir)
     return Job(cfg, variant, directory.name, directory, identity, logger)
 
 

@@ -301,6 +301,13 @@ def log_run(cfg: Any, metrics: dict, predictions: pd.DataFrame, run_dir: Path) -
         log.warning("W&B: logging %s failed (%s); results are still in %s", name, exc, run_dir)
 
 
+def _result_run(conf: DictConfig, mode: str, run_dir: Path, identity: Mapping[str, Any] | None, **kwargs):
+    """The W&B run of one result directory (its id follows from the directory and identity), with the W&B settings
+    of the config it recorded."""
+    return start_run(project=configured_project(conf), mode=mode, entity=OmegaConf.select(conf, "wandb.entity", default=None),
+                     directory=wandb_dir(conf, run_dir), job_type="eval", run_id=run_id(run_dir, identity), **kwargs)
+
+
 def _log_run(conf: DictConfig, mode: str, name: str, metrics: dict, predictions: pd.DataFrame, run_dir: Path,
              identity: Mapping[str, Any] | None) -> None:
     tags = [str(metrics[k]) for k in ("dataset", "model", "press") if metrics.get(k)]
@@ -309,18 +316,8 @@ def _log_run(conf: DictConfig, mode: str, name: str, metrics: dict, predictions:
     config = resolved_config(conf)
     if identity is not None:
         config["identity"] = identity
-    run = start_run(
-        project=configured_project(conf),
-        mode=mode,
-        entity=OmegaConf.select(conf, "wandb.entity", default=None),
-        group=OmegaConf.select(conf, "wandb.group", default=None) or sweep_group(),
-        name=name,
-        directory=wandb_dir(conf, run_dir),
-        config=config,
-        job_type="eval",
-        tags=tags,
-        run_id=run_id(run_dir, identity),
-    )
+    run = _result_run(conf, mode, run_dir, identity, name=name, config=config, tags=tags,
+                      group=OmegaConf.select(conf, "wandb.group", default=None) or sweep_group())
     if run is None:
         return
     try:
@@ -354,16 +351,8 @@ def log_added_metrics(run_dir: Path, added: Mapping[str, Any]) -> None:
         mode = configured_mode(conf)
         if mode == "disabled":
             return
-        run = start_run(
-            project=configured_project(conf),
-            mode=mode,
-            entity=OmegaConf.select(conf, "wandb.entity", default=None),
-            group=OmegaConf.select(conf, "wandb.group", default=None),
-            name=run_dir.name,
-            directory=wandb_dir(conf, run_dir),
-            job_type="eval",
-            run_id=run_id(run_dir, identity),
-        )
+        # no group: the sweep running now is the baseline's, not the run's (a resumed run keeps its own)
+        run = _result_run(conf, mode, run_dir, identity, name=run_dir.name)
         if run is None:
             return
         try:
