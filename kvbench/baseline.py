@@ -17,11 +17,14 @@ from typing import Callable, Iterator
 from omegaconf import DictConfig
 
 from kvbench import atomic
-from kvbench.results import RunDirectory, identity_apart_from, run_prefix
+from kvbench.results import EXECUTION_KEYS, RunDirectory, identity_apart_from, run_prefix
 
 # What a run may differ in from the no_press run it is compared with: the press and how much it removes, and
-# query-awareness (which means nothing without compression).
-BASELINE_FREE_KEYS = ("press", "compression_ratio", "budget", "query_aware")
+# query-awareness (which means nothing without compression); and how the runs were executed (batch size, cache
+# layout, decode timing: a perplexity moves by rounding only, under 1e-5 relative), a baseline run as this run was
+# being preferred.
+PRESS_KEYS = ("press", "compression_ratio", "budget", "query_aware")
+BASELINE_FREE_KEYS = (*PRESS_KEYS, *EXECUTION_KEYS)
 COMPARISON_KEY = "no_press_perplexity"
 
 
@@ -51,11 +54,15 @@ def baseline_metrics(cfg: DictConfig, identity: dict) -> dict | None:
     from ``BASELINE_FREE_KEYS``; none, and the run records no comparison rather than a wrong one.
     """
     wanted = identity_apart_from(identity, BASELINE_FREE_KEYS)
+    exact = identity_apart_from(identity, PRESS_KEYS)
+    found = None
     for candidate in _runs(cfg, "no_press"):
         recorded = candidate.recorded_identity()
         if recorded and identity_apart_from(recorded, BASELINE_FREE_KEYS) == wanted:
-            return candidate.metrics()
-    return None
+            if identity_apart_from(recorded, PRESS_KEYS) == exact:
+                return candidate.metrics()  # run as this run was (same batch size, layout): preferred
+            found = found or candidate
+    return found.metrics() if found is not None else None
 
 
 def fill_in_comparisons(cfg: DictConfig, identity: dict, baseline: dict,

@@ -36,6 +36,10 @@ IDENTITY_FILE = "identity.json"  # what decides reuse: see run_identity
 OVERWRITE_MARK = "overwrite_launch"  # in .partial/<name>/: the launch of the overwrite=true run whose rows these are
 # Overrides that never change what a run computes (where it goes, how it is logged, what runs it).
 NEUTRAL_KEYS = ("output_dir", "overwrite", "device", "logger", "wandb", "hydra", "model.device")
+# How a run is executed, not what it computes: in the identity (a result is reused only as it was run), but a score
+# moves by rounding at most (batch padding; the packed vs masked layout; decoding after a perplexity is scored), so
+# runs differing only in these are one setting on the leaderboard and share a no_press baseline.
+EXECUTION_KEYS = ("batch_size", "cache_layout", "decode_timing_tokens")
 IDENTITY_GROUPS = ("model", "dataset", "press", "compression_ratio")
 MAX_VARIANT = 80
 # The speed/memory figures a run writes under ``metrics["speed"]`` (column -> how per-sample rows are reduced);

@@ -388,6 +388,36 @@ def test_a_press_with_its_own_parameters_is_compared_with_the_baseline_of_its_wi
     assert "no_press_perplexity" not in json.loads((knorm_dir / "metrics.json").read_text())
 
 
+def test_a_run_batched_otherwise_than_its_baseline_is_still_compared_with_it(tmp_path, books):
+    """Batch size (like the cache layout and decode timing) moves a perplexity by rounding only: a knorm run at
+    batch size 2 found no baseline computed at batch size 1, and fills in its comparison when the baseline comes
+    later; a baseline run as the run was is the one taken."""
+    out = tmp_path / "results"
+    common = ("dataset.max_windows_per_book=2",)
+    assert kvbench(*pg19_args(books, out, "press=no_press", *common)).returncode == 0
+    (baseline_dir,) = complete_dirs(out)
+    baseline = json.loads((baseline_dir / "metrics.json").read_text())
+    batched = kvbench(*pg19_args(books, out, "press=knorm", "compression_ratio=0.5", "batch_size=2", *common))
+    assert batched.returncode == 0, batched.stderr[-2000:]
+    (knorm_dir,) = [p for p in complete_dirs(out) if "__knorm__" in p.name]
+    metrics = json.loads((knorm_dir / "metrics.json").read_text())
+    assert metrics["no_press_perplexity"] == pytest.approx(baseline["perplexity"], rel=1e-12)
+    recorded = json.loads((baseline_dir / "metrics.json").read_text())
+    (baseline_dir / "metrics.json").write_text(json.dumps({**recorded, "perplexity": 99.0}))  # marks the batch-1 one
+    twin = kvbench(*pg19_args(books, out, "press=no_press", "batch_size=2", *common))
+    assert twin.returncode == 0, twin.stderr[-2000:]
+    (twin_dir,) = [p for p in complete_dirs(out) if "__no_press__" in p.name and "batch_size=2" in p.name]
+    twin_ppl = json.loads((twin_dir / "metrics.json").read_text())["perplexity"]
+    from hydra import compose, initialize_config_dir
+
+    from kvbench import baseline as baseline_module
+    from kvbench.runner import expected_identity
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=pg19_args(books, out, "press=knorm", "compression_ratio=0.5", "batch_size=2", *common))
+    assert baseline_module.baseline_metrics(cfg, expected_identity(cfg))["perplexity"] == twin_ppl != 99.0
+
+
 @pytest.mark.integration
 def test_batching_a_model_whose_rope_follows_the_longest_context_is_refused(tmp_path, books):
     """Dynamic NTK (and LongRoPE) take their frequencies from the longest context of a batch: batch_size > 1 is

@@ -20,7 +20,7 @@ import yaml
 
 from kvbench.errors import KVBenchError
 from kvbench import datasets
-from kvbench.results import IDENTITY_FILE, NEUTRAL_KEYS, RESULT_FILES, RunDirectory, format_ratio  # the leaderboard reads what results.py writes
+from kvbench.results import EXECUTION_KEYS, IDENTITY_FILE, NEUTRAL_KEYS, RESULT_FILES, RunDirectory, format_ratio  # the leaderboard reads what results.py writes
 from kvbench.results import SPEED_COLUMNS as RUN_SPEED_COLUMNS
 
 NO_PRESS = "no_press"
@@ -68,7 +68,7 @@ BREAKDOWN_PREFIXES = ("task:", "bucket:", "cell:")
 # Besides what never enters a run's identity, batching and the cache layout give the same answers, and decode
 # timing only times.
 SETTING_FREE_KEYS = frozenset({key for key in NEUTRAL_KEYS if "." not in key}
-                              | {"press", "compression_ratio", "batch_size", "cache_layout", "decode_timing_tokens"})
+                              | {"press", "compression_ratio", *EXECUTION_KEYS})
 
 
 class SkippedRun(NamedTuple):
