@@ -13,9 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench.errors import KVBenchError
-from kvbench.results import TOP_LEVEL_KEYS
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from kvbench.results import CONF_DIR, TOP_LEVEL_KEYS
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,6 +31,7 @@ from kvbench import atomic
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import source_digest
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the config files: what a setting may be
 RESULT_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 IDENTITY_FILE = "identity.json"  # what decides reuse: see run_identity
 OVERWRITE_MARK = "overwrite_launch"  # in .partial/<name>/: the launch of the overwrite=true run whose rows these are
@@ -81,7 +82,7 @@ def slug(text: str) -> str:
 def _known_top_level_keys() -> frozenset[str]:
     """Top-level keys of ``conf/config.yaml`` (plus the config groups): a group's key of the same name keeps
     its group in a variant, so ``seed=7`` and ``dataset.seed=7`` never share a name."""
-    path = Path(__file__).resolve().parent.parent / "conf" / "config.yaml"
+    path = CONF_DIR / "config.yaml"
     keys = set(IDENTITY_GROUPS) | set(NEUTRAL_KEYS) | {"seed", "budget", "query_aware", "max_context_length"}
     if path.is_file():
         keys |= {k for k in (OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}) if k != "defaults"}

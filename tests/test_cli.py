@@ -365,18 +365,23 @@ def test_a_result_of_another_setup_is_not_reused(tmp_path, books):
     assert json.loads((run_dir / "identity.json").read_text())["device_name"] == here
 
 
+def baseline_then_run(books, out: Path, common: tuple, press: str, *args: str) -> tuple[Path, dict, dict]:
+    """A no_press run, then ``press`` at ratio 0.5 with ``args`` (both with ``common``): the baseline's directory and
+    metrics, and the compressed run's metrics."""
+    assert kvbench(*pg19_args(books, out, "press=no_press", *common)).returncode == 0
+    (baseline_dir,) = complete_dirs(out)
+    compressed = kvbench(*pg19_args(books, out, f"press={press}", "compression_ratio=0.5", *args, *common))
+    assert compressed.returncode == 0, compressed.stderr[-2000:]
+    (run_dir,) = [p for p in complete_dirs(out) if f"__{press}__" in p.name]
+    return baseline_dir, json.loads((baseline_dir / "metrics.json").read_text()), json.loads((run_dir / "metrics.json").read_text())
+
+
 def test_a_press_with_its_own_parameters_is_compared_with_the_baseline_of_its_windows_only(tmp_path, books):
     """The baseline is found by identity: a press parameter in the run's name (press.clustering=kmeans) does not hide
     it, and a no_press result of another setup (here: another transformers) is not taken for it."""
     out = tmp_path / "results"
     common = ("dataset.max_windows_per_book=2",)
-    assert kvbench(*pg19_args(books, out, "press=no_press", *common)).returncode == 0
-    (baseline_dir,) = complete_dirs(out)
-    baseline = json.loads((baseline_dir / "metrics.json").read_text())
-    kmeans = kvbench(*pg19_args(books, out, "press=snapkv", "press.clustering=kmeans", "compression_ratio=0.5", *common))
-    assert kmeans.returncode == 0, kmeans.stderr[-2000:]
-    (run_dir,) = [p for p in complete_dirs(out) if "__snapkv__" in p.name]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    baseline_dir, baseline, metrics = baseline_then_run(books, out, common, "snapkv", "press.clustering=kmeans")
     assert metrics["no_press_perplexity"] == pytest.approx(baseline["perplexity"], rel=1e-12)
     assert metrics["ratio"] == pytest.approx(metrics["perplexity"] / baseline["perplexity"])
     identity = json.loads((baseline_dir / "identity.json").read_text())
@@ -394,13 +399,7 @@ def test_a_run_batched_otherwise_than_its_baseline_is_still_compared_with_it(tmp
     later; a baseline run as the run was is the one taken."""
     out = tmp_path / "results"
     common = ("dataset.max_windows_per_book=2",)
-    assert kvbench(*pg19_args(books, out, "press=no_press", *common)).returncode == 0
-    (baseline_dir,) = complete_dirs(out)
-    baseline = json.loads((baseline_dir / "metrics.json").read_text())
-    batched = kvbench(*pg19_args(books, out, "press=knorm", "compression_ratio=0.5", "batch_size=2", *common))
-    assert batched.returncode == 0, batched.stderr[-2000:]
-    (knorm_dir,) = [p for p in complete_dirs(out) if "__knorm__" in p.name]
-    metrics = json.loads((knorm_dir / "metrics.json").read_text())
+    baseline_dir, baseline, metrics = baseline_then_run(books, out, common, "knorm", "batch_size=2")
     assert metrics["no_press_perplexity"] == pytest.approx(baseline["perplexity"], rel=1e-12)
     recorded = json.loads((baseline_dir / "metrics.json").read_text())
     (baseline_dir / "metrics.json").write_text(json.dumps({**recorded, "perplexity": 99.0}))  # marks the batch-1 one
