@@ -100,8 +100,9 @@ done
 if [[ -z "$DATASET" ]]; then
     if [[ "$QUICK" == 1 ]]; then DATASET=pg19; else DATASET=ruler; fi
 fi
-if [[ -n "$RATIOS" && ! "$RATIOS" =~ ^[0-9.]+(,[0-9.]+)*$ ]]; then
-    die "--ratios takes comma-separated numbers, e.g. 0.5,0.875 (got '$RATIOS')"
+# each a number in [0, 1): a 1.5 would fail every job of every pass, one by one
+if [[ -n "$RATIOS" && ! "$RATIOS" =~ ^(0?\.[0-9]+|0)(,(0?\.[0-9]+|0))*$ ]]; then
+    die "--ratios takes comma-separated numbers in [0, 1), e.g. 0.5,0.875 (got '$RATIOS')"
 fi
 
 if [[ -z "${PYTHON:-}" ]]; then

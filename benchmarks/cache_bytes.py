@@ -12,11 +12,14 @@ the uncompressed bytes. Presses that need attention weights (eager attention) ar
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 import kvbench
+from kvbench.benchmark.model_source import check_prefill_args, resolve_source
 from kvbench.compression.cache import kv_bytes
+from kvbench.errors import KVBenchError
 from kvbench.generation import prefill_many
 from kvbench.models import ModelSpec, load_model
 
@@ -32,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     names = [n for n in kvbench.PRESSES if n != "no_press" and not getattr(kvbench.PRESSES[n].scorer, "needs_attention_weights", False)]
+    check_prefill_args(resolve_source(args.model), args.context, args.ratios)
     model, tokenizer = load_model(ModelSpec(args.model, device=args.device))
     ids = torch.randint(100, tokenizer.vocab_size - 1, (1, args.context), generator=torch.Generator().manual_seed(0))
     full = kv_bytes(prefill_many(model, [ids], [kvbench.build_press("no_press")]).caches[0])
@@ -56,4 +60,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KVBenchError as exc:
+        sys.exit(f"error: {exc}")

@@ -86,6 +86,7 @@ def main() -> None:
         kvbench.build_press(name)  # an unknown name fails here (listing the valid ones), before the model loads
 
     source = model_source.resolve_source(args.model)
+    model_source.check_prefill_args(source, args.context, [args.ratio], args.repeats)
     model = model_source.load(source, args.device, args.dtype, args.attn)
     vocab_size = source.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab_size - 1, (1, args.context), generator=torch.Generator().manual_seed(0))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kvbench.errors import KVBenchError
 
@@ -19,6 +21,9 @@ GROUP_HINTS = {
     "press": "",
     "logger": "",
 }
+
+
+GROUP_KEYS_SAID = {"press": "parameter", "dataset": "setting", "model": "setting"}
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -34,6 +39,50 @@ def check_group_choices(argv: list[str]) -> None:
                 raise KVBenchError(f"unknown {group} '{choice}'; valid names: {', '.join(valid)}" + (f" ({hint})" if hint else ""))
 
 
+def _chosen(argv: list[str], group: str) -> list[str]:
+    """The config names of ``group`` a run or sweep uses: ``group=a,b`` on the command line, else the default of
+    ``conf/config.yaml``; none where a sweep function (``choice(...)``, ``glob(...)``) decides."""
+    value = None
+    for arg in argv:
+        key, sep, given = arg.partition("=")
+        if sep and key.lstrip("+") == group:
+            value = given
+    if value is None:
+        defaults = OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", [])
+        value = next((str(d[group]) for d in defaults if isinstance(d, Mapping) and group in d), "")
+    return [] if "(" in value else [name for name in value.split(",") if name]
+
+
+def check_group_keys(argv: list[str]) -> None:
+    """``press.window_size=16`` for a press without that parameter (``dataset.*``, ``model.*`` alike): one line naming
+    the valid ones. Hydra's own error is six lines, and its advice (``+press.window_size=16``) fails in turn."""
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        group, dot, leaf = key.partition(".")
+        if not sep or not dot or group not in GROUP_KEYS_SAID:  # "+group.key" adds a key: refused after composing
+            continue
+        leaf = leaf.split(".")[0]
+        for name in _chosen(argv, group):
+            path = CONF_DIR / group / f"{name}.yaml"
+            known = sorted(str(k) for k in OmegaConf.load(path) if k not in ("defaults", "name")) if path.is_file() else None
+            if known is not None and leaf not in known and leaf != "name":
+                valid = f"valid: {', '.join(known)}" if known else f"it has no {GROUP_KEYS_SAID[group]}s"
+                raise KVBenchError(f"{group} '{name}' has no {GROUP_KEYS_SAID[group]} {leaf}; {valid} (see conf/{group}/{name}.yaml)")
+
+
+def check_launcher(argv: list[str]) -> None:
+    """What a launcher needs before Hydra starts it: the GPU launchers' resolver (``--cfg hydra --resolve`` reads it
+    without creating the callbacks that import it), and for SLURM a machine with ``srun`` (submitit's own error is a
+    page of traceback, in every job)."""
+    launchers = {value for arg in argv for key, sep, value in [arg.partition("=")] if sep and key == "hydra/launcher"}
+    if launchers & {"joblib_gpus", "shared_prefill_gpus"}:
+        import kvbench.gpu_pool  # noqa: F401 - registers ${kvbench.gpu_count:...}
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    if "slurm" in launchers and multirun and shutil.which("srun") is None:
+        raise KVBenchError("hydra/launcher=slurm submits through SLURM, and this machine has no srun: run the sweep on "
+                           "a SLURM login node, or use hydra/launcher=slurm_local to run its jobs here")
+
+
 def check_output_dir(argv: list[str]) -> None:
     """An ``output_dir`` that cannot be created: one line (Hydra creates its run directory inside it before kvbench
     runs, and its own error is a traceback)."""
@@ -45,22 +94,10 @@ def check_output_dir(argv: list[str]) -> None:
             create_output_dir(value)
 
 
-def check_budget_alone(cfg: DictConfig, overrides: list[str]) -> None:
-    """``budget`` keeps N tokens per head whatever the ratio says: a ratio given beside it would name and record a run
-    that does not use it (and a sweep over ratios would compute one run under several names)."""
-    if cfg.get("budget") is None:
-        return
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if sep and key.lstrip("+~") == "compression_ratio":
-            raise KVBenchError(f"budget={cfg.budget} keeps {cfg.budget} tokens per head whatever compression_ratio says; "
-                               f"drop compression_ratio={value} (or budget)")
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from kvbench.results import variant_from_overrides
-    from kvbench.runner import execute
+    from kvbench.runner import check_budget_alone, execute, exit_interrupted
 
     try:
         overrides = list(HydraConfig.get().overrides.task)
@@ -68,10 +105,7 @@ def main(cfg: DictConfig) -> float | None:
         variant = variant_from_overrides(overrides)
         return execute(cfg, variant).get("score")
     except KeyboardInterrupt:
-        # every finished sample is already in the run's checkpoint (<output_dir>/.partial/<run>/)
-        print(f"interrupted: the samples finished so far are kept under {cfg.output_dir}/.partial; rerun the same "
-              "command to resume from them", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted(cfg.output_dir)
     except KVBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -84,6 +118,8 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:])
+        check_group_keys(sys.argv[1:])
+        check_launcher(sys.argv[1:])
         check_output_dir(sys.argv[1:])
     except KVBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -281,13 +281,14 @@ class RunDirectory:
         atomic.replace_file(self.path / "metrics.json", _json_text({**self.metrics(), **extra}))
 
     def recorded_identity(self) -> dict | None:
-        return _read_json(self.path / IDENTITY_FILE)
+        recorded = _read_json(self.path / IDENTITY_FILE)
+        return recorded if isinstance(recorded, dict) else None  # torn or not an object: no identity to compare
 
     def check_identity(self, identity: dict) -> None:
         """Refuse to reuse a finished result computed under another identity, naming what differs."""
         recorded = self.recorded_identity()
         if recorded is None:
-            raise KVBenchError(f"{self.path} has no {IDENTITY_FILE} (written by an older kvbench), so it cannot be "
+            raise KVBenchError(f"{self.path} has no readable {IDENTITY_FILE} (written by an older kvbench, or damaged), so it cannot be "
                                f"checked against this run; overwrite=true reruns it")
         diff = identity_difference(recorded, _plain(identity))
         if diff:

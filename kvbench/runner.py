@@ -11,10 +11,12 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 import torch
@@ -136,6 +138,27 @@ def check_lengths(cfg: DictConfig) -> None:
                 + f"; lower {name.split(' + ')[0]}"
                 + (", or set max_context_length to go past the model's length on purpose" if implicit else " or raise max_context_length")
             )
+
+
+def check_budget_alone(cfg: DictConfig, overrides: list[str]) -> None:
+    """``budget`` keeps N tokens per head whatever the ratio says: a ratio given beside it would name and record a run
+    that does not use it (and a sweep over ratios would compute one run under several names). Checked for every
+    job, by the entry point and by the shared-prefill launcher (which runs its jobs without the entry point)."""
+    if cfg.get("budget") is None:
+        return
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+~") == "compression_ratio":
+            raise KVBenchError(f"budget={cfg.budget} keeps {cfg.budget} tokens per head whatever compression_ratio says; "
+                               f"drop compression_ratio={value} (or budget)")
+
+
+def exit_interrupted(output_dir: str) -> NoReturn:
+    """Ctrl-C: one line instead of the stack, exit 130. Every finished sample is already in its run's checkpoint
+    (``<output_dir>/.partial/<run>/``), which the same command resumes from."""
+    print(f"interrupted: the samples finished so far are kept under {output_dir}/.partial; rerun the same "
+          "command to resume from them", file=sys.stderr)
+    sys.exit(130)
 
 
 def validate(cfg: DictConfig) -> None:

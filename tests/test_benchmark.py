@@ -133,6 +133,8 @@ def test_llama_8b_figures():
     (["--context-lengths", "1020", "--decode-tokens", "8"], "reaches position 1027, above the model's max_position_embeddings=1024"),
     (["--presses", "snapkv,observed_attention"], "press 'observed_attention' needs the attention weights"),
     (["--out", str(Path(__file__))  + "/out"], "is a file; give a folder"),
+    (["--bandwidth-gbps", "nan"], "--bandwidth-gbps must be a positive number, got nan"),  # a NaN floor column, exit 0
+    (["--bandwidth-gbps", "inf"], "--bandwidth-gbps must be a positive number, got inf"),
 ])
 def test_bad_input_refused_before_writing(tiny_config, tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -140,6 +142,68 @@ def test_bad_input_refused_before_writing(tiny_config, tmp_path, capsys, args, m
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("error:") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_the_model_is_labelled_by_its_folder_name(tiny_config, tmp_path):
+    """``Path.stem`` cut ``Llama-3.1-8B`` to ``Llama-3``, and every ``.../config.json`` was labelled ``config``."""
+    folder = tmp_path / "Llama-3.1-8B"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_config / "config.json").read_text())
+    assert resolve_source(f"random:{folder}").name == "random-Llama-3.1-8B"
+    assert resolve_source(f"random:{folder}/config.json").name == "random-Llama-3.1-8B"
+    assert resolve_source(f"random:{folder}/").name == "random-Llama-3.1-8B"
+
+
+def test_a_new_run_never_leaves_an_earlier_runs_plots_beside_its_csv(tiny_config, tmp_path, monkeypatch):
+    """A run that stopped after its first row left the previous run's two plots beside its one-row CSV."""
+    from kvbench import benchmark
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (benchmark.DECODE_PLOT, benchmark.CACHE_PLOT):
+        (out / name).write_bytes(b"an earlier run's plot")
+    original = benchmark.run_grid
+
+    def stopped(model, options, jobs, name, on_row):
+        original(model, options, jobs[:1], name, on_row)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(benchmark, "run_grid", stopped)
+    options = BenchmarkOptions(model=f"random:{tiny_config}", context_lengths=(96,), presses=("no_press", "knorm"),
+                               ratios=(0.5,), decode_tokens=2, repeats=1, device="cpu", out=out)
+    with pytest.raises(RuntimeError):
+        benchmark.run(options)
+    assert len(pd.read_csv(out / "speed.csv")) == 1
+    assert not (out / benchmark.DECODE_PLOT).exists() and not (out / benchmark.CACHE_PLOT).exists()
+
+
+def test_bound_only_takes_the_models_whole_context(capsys, tmp_path):
+    """The bound decodes nothing, yet a context at the model's maximum was refused for the tokens it would decode:
+    the SmolLM2 rows of docs/benchmarks.md could not be reproduced."""
+    code = main(["--model", "random:smollm2-135m", "--dtype", "bfloat16", "--device", "cpu", "--context-lengths", "8192",
+                 "--ratios", "0,0.75", "--bandwidth-gbps", "3350", "--bound-only", "--out", str(tmp_path / "out")])
+    text = capsys.readouterr().out
+    assert code == 0 and "0.137" in text and "0.094" in text  # the table's 0.137 -> 0.094 ms
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("press_overhead.py", ["--context", "0"], "--context must be a number of tokens from 1 to the model's 8192, got 0"),
+    ("press_overhead.py", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    ("press_overhead.py", ["--ratio", "1.5"], "a compression ratio is a number in [0, 1)"),
+    ("cache_bytes.py", ["--ratios", "1.5"], "a compression ratio is a number in [0, 1)"),
+    ("cache_bytes.py", ["--model", "/no/such/model"], "model directory '/no/such/model' does not exist"),
+])
+def test_benchmark_scripts_refuse_bad_numbers_in_one_line(script, args, message):
+    """They were tracebacks (a zero context deep in the prefill, zero repeats in the median, any error of
+    cache_bytes.py), or came after the model had loaded."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], cwd=root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("model", ["./no/such/model", "random:./no/such/model"])

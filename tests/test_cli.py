@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -68,6 +69,12 @@ def complete_dirs(out: Path) -> list[Path]:
          "'/no/such/books' is neither an existing directory nor a hub id (name or namespace/name)"),
         (["model.revision=main"], "model.revision=main names a hub commit, but the model is read from"),
         (["+press.window_size=8", "press=knorm"], "press 'knorm' has no parameter window_size"),
+        # without "+": Hydra's six lines, whose advice (add "+") failed in turn; a sweep stopped at its first knorm job
+        (["press=knorm", "press.window_size=8"], "press 'knorm' has no parameter window_size; it has no parameters "
+                                                  "(see conf/press/knorm.yaml)"),
+        (["-m", "press=snapkv,knorm", "press.window_size=8"], "press 'knorm' has no parameter window_size"),
+        (["dataset.eval_len=8"], "dataset 'pg19' has no setting eval_len; valid: context_length, eval_length,"),
+        (["model.dtyp=float32"], "model 'smollm2-135m' has no setting dtyp; valid: attn_implementation, dtype,"),
         (["logger=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
         (["logger.name=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),
         (["query_aware=true"], "query_aware=true does not apply to dataset 'pg19': a perplexity dataset has no question"),
@@ -247,6 +254,32 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, books):
     assert complete_dirs(out) == []
     resumed = kvbench(*args)
     assert resumed.returncode == 0 and f"resuming after {done_before} finished samples" in resumed.stdout
+
+
+def test_ctrl_c_under_the_shared_prefill_launcher_is_the_same_line(tmp_path, books):
+    """The launcher runs its jobs without the entry point, whose handler printed this line: it was 37 frames."""
+    out = tmp_path / "results"
+    args = ["-m", "hydra/launcher=shared_prefill", *pg19_args(books, out, "press=knorm", "compression_ratio=0.5")]
+    seen: list = []
+    kill_after_two_windows(args, out, signal.SIGINT, seen)
+    status, output = seen
+    assert status == 130 and "Traceback" not in output, output[-2000:]
+    assert f"interrupted: the samples finished so far are kept under {out}/.partial; rerun the same command" in output
+    assert complete_dirs(out) == []
+
+
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has SLURM")
+def test_the_slurm_launcher_without_slurm_is_one_line(tmp_path, books):
+    result = kvbench("-m", "hydra/launcher=slurm", *pg19_args(books, tmp_path / "results"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: hydra/launcher=slurm submits through SLURM, and this machine has no srun")
+
+
+def test_a_gpu_launcher_config_resolves_on_its_own(tmp_path):
+    """``--cfg hydra --resolve`` read ${kvbench.gpu_count:...} before anything had registered it: a traceback."""
+    result = kvbench("hydra/launcher=shared_prefill_gpus", "--cfg", "hydra", "-p", "hydra.launcher.n_jobs", "--resolve",
+                     env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert result.returncode == 0 and result.stdout.strip() == "2", result.stderr[-2000:]
 
 
 def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, books):

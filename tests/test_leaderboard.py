@@ -136,6 +136,17 @@ def test_torn_identity_non_finite_score_or_count_is_skipped_with_its_reason(tmp_
     assert reasons[half.name] == "metrics.json has num_samples=2.5, not a count"
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", '"abc"', "3"])
+def test_an_identity_that_is_not_an_object_skips_its_run(tmp_path, content):
+    """Valid JSON of another shape reached ``identity.get`` and the whole leaderboard failed with a traceback."""
+    odd = write_run(tmp_path, "ruler", MODEL, "knorm", 0.5, 50.0)
+    (odd / "identity.json").write_text(content)
+    write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0)
+    table, skipped = load_results(tmp_path)
+    assert list(table["press"]) == ["snapkv"]
+    assert [s.path.name for s in skipped] == [odd.name] and skipped[0].reason.startswith("unparsable identity.json")
+
+
 def test_format_ratio_matches_run_names():
     assert [format_ratio(r) for r in (0.0, 0.5, 0.25, 0.875, 0.125, 0.1)] == [
         "0.00", "0.50", "0.25", "0.875", "0.125", "0.10",
@@ -252,6 +263,13 @@ def test_out_option_and_errors(tree, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: no complete runs")
     with pytest.raises(KVBenchError, match="does not exist"):
         load_results(tmp_path / "missing")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    for out in (blocked, blocked / "sub"):  # a file where the folder, or one of its parents, should be
+        assert main([str(root), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot write the leaderboard to {out} (") and err.count("\n") == 1
+        assert "pass --out" in err
 
 
 def _chromium() -> str | None:
@@ -455,6 +473,22 @@ def test_runs_of_other_setups_in_one_cell_are_shown_apart_not_averaged(tmp_path)
     assert grid["snapkv @ Test CPU, float32"] == 60.0 and grid["snapkv @ NVIDIA H100, bfloat16"] == 70.0
     assert grid[f"knorm @ {older.name}"] == 50.0 and grid[f"knorm @ {older.name}-old"] == 90.0
     assert grid["tova"] == 40.0 and len(grid) == 5
+
+
+def test_a_copy_of_a_relabelled_run_takes_its_label_and_is_counted_once(tmp_path):
+    """When a cell's runs are labelled apart by device, a second copy of one of them kept the plain label, which no
+    grid row has; the HTML header counted the copy as a run of its own (the Markdown did not)."""
+    cpu = write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0)
+    _renamed_copy(cpu, "-h100", 70.0, device_type="cuda", device_name="NVIDIA H100", dtype="bfloat16")
+    copy = tmp_path / (cpu.name + "-copy")
+    shutil.copytree(cpu, copy)
+    board = build_leaderboard(tmp_path)
+    labels = dict(zip(board.table["run_dir"].map(lambda p: Path(p).name), board.table["label"]))
+    assert labels[copy.name] == labels[cpu.name] == "snapkv @ Test CPU, float32"
+    assert set(score_grid(board.table, "ruler", MODEL).index) == {"snapkv @ Test CPU, float32", "snapkv @ NVIDIA H100, bfloat16"}
+    header = re.search(r"<header>.*?</header>", board.html.read_text(), re.S).group(0)
+    assert "2 runs (1 stored twice, shown once" in header
+    assert board.markdown.read_text().splitlines()[2].startswith("2 runs (1 stored twice, shown once")
 
 
 def test_a_copied_run_is_named_by_its_directory(tmp_path):

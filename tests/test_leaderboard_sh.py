@@ -80,6 +80,8 @@ def test_help_lists_the_options():
 
 @pytest.mark.parametrize("args,message", [(["--bogus"], "unknown option '--bogus'"), (["--model"], "--model needs a value"),
                                           (["--ratios", "half"], "--ratios takes comma-separated numbers"),
+                                          # past the check, 1.5 failed every job of every pass one by one
+                                          (["--ratios", "0.5,1.5"], "--ratios takes comma-separated numbers in [0, 1)"),
                                           (["--quick", "--dataset", "mystery"], "no tiny settings for dataset 'mystery'")])
 def test_bad_arguments_fail_with_one_message(args, message):
     result = script("--dry-run", *args)

@@ -147,6 +147,14 @@ def test_bad_inputs(longbench_dir):
         lb.load({"tasks": ["narrativeqa_zh"], "path": str(longbench_dir)}, None)
     with pytest.raises(KVBenchError, match="gov_report_e.jsonl"):
         lb.load({"tasks": ["gov_report"], "path": str(longbench_dir)}, None)
+    with pytest.raises(KVBenchError, match="dataset.tasks must be null, a task name or a list of task names, got 5"):
+        lb.load({"tasks": 5, "path": str(longbench_dir)}, None)
+
+
+def test_a_task_named_twice_runs_once(longbench_dir):
+    """It was refused as 'more than one sample with the id hotpotqa/...', after the model had loaded."""
+    twice = lb.load({"tasks": ["hotpotqa", "trec", "hotpotqa"], "path": str(longbench_dir)}, None)
+    assert twice.equals(lb.load({"tasks": ["hotpotqa", "trec"], "path": str(longbench_dir)}, None))
 
 
 def test_hub_offline_points_to_path(monkeypatch):

@@ -49,7 +49,14 @@ BAD = [
     ("critical_expected_attention", "n_future_positions", 0, "n_future_positions must be an integer >= 1"),
     ("streaming_llm", "n_sink", -1, "n_sink must be an integer >= 0, got -1"),
     ("streaming_llm", "key_rerotation", 1, "key_rerotation must be true or false, got 1"),
-    ("random", "seed", "abc", "seed must be an integer >= 0, got 'abc'"),
+    ("random", "seed", "abc", "seed must be an integer in [0, 4294967295], got 'abc'"),
+    # a seed past torch's 64 bits passed and failed in the first prefill, after the model had loaded
+    ("random", "seed", 2**64, "seed must be an integer in [0, 4294967295], got 18446744073709551616"),
+    ("compactor", "seed", 2**40, "seed must be an integer in [0, 4294967295]"),
+    # an infinite epsilon or blending made every score infinite: every token tied, the kept ones arbitrary
+    ("expected_attention", "epsilon", float("inf"), "epsilon must be a number >= 0, got inf"),
+    ("compactor", "blending", float("inf"), "blending must be a number >= 0, got inf"),
+    ("critical_snapkv", "epsilon", float("inf"), "epsilon must be a number >= 0, got inf"),
     ("knorm", "budget", True, "budget must be an integer >= 1, got True"),
     ("knorm", "budget", 0, "budget must be an integer >= 1, got 0"),
     ("snapkv", "budget", 12.5, "budget must be an integer >= 1, got 12.5"),

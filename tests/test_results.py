@@ -168,8 +168,11 @@ def test_finished_result_is_reused_only_for_the_same_identity(tmp_path):
     message = str(error.value)
     assert "\n" not in message and "overwrite=true" in message
     assert "dtype" in message and "config.press.window_size" in message and "config.seed" not in message
+    (directory.path / "identity.json").write_text("[1, 2]")  # valid JSON of another shape: no identity, not a crash
+    with pytest.raises(KVBenchError, match="no readable identity.json.*overwrite=true"):
+        directory.check_identity(_identity())
     (directory.path / "identity.json").unlink()  # a result from before identities were recorded
-    with pytest.raises(KVBenchError, match="no identity.json.*overwrite=true"):
+    with pytest.raises(KVBenchError, match="no readable identity.json.*overwrite=true"):
         directory.check_identity(_identity())
 
 
@@ -288,3 +291,27 @@ def test_the_launching_process_groups_jobs_without_naming_the_device(monkeypatch
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         key = json.loads(runner.prefill_group_key(compose("config", overrides=["device=cpu"])))
     assert key["device_name"] is None and key["device_type"] == "cpu"
+
+
+@pytest.mark.parametrize("dataset, rows", [
+    ("ruler", [{"task": "qa_1", "prediction": "It was William Shakespeare.", "answers": ["Shakespeare", "Marlowe"]},
+               {"task": "niah_multivalue", "prediction": "1234 and 5678", "answers": ["1234", "5678", "9999"]}]),
+    ("longbench_e", [{"task": "hotpotqa", "prediction": "William Shakespeare", "answers": ["Shakespeare", "William Shakespeare"],
+                      "all_classes": None, "length": 3000},
+                     {"task": "trec", "prediction": "Description\nmore", "answers": ["Description"],
+                      "all_classes": ["Description", "Entity", "Abbreviation"], "length": 5000}]),
+    ("needle", [{"prediction": "eat a sandwich in Dolores Park", "answers": ["sandwich", "Dolores Park", "sunny day"],
+                 "context_length": 512, "depth": 50.0}]),
+])
+def test_a_predictions_csv_read_back_scores_as_the_run_did(tmp_path, dataset, rows):
+    """predictions.csv stores answer lists as JSON text: read back, each list was one answer (or, for the needle,
+    its letters were the key phrases), and every score fell."""
+    from kvbench.metrics import metrics_module
+    from kvbench.results import serialise_predictions
+
+    frame = pd.DataFrame(rows)
+    serialise_predictions(frame).to_csv(tmp_path / "predictions.csv", index=False)
+    read_back = pd.read_csv(tmp_path / "predictions.csv")
+    assert isinstance(read_back["answers"][0], str)
+    scored = metrics_module(dataset).compute(frame)
+    assert scored["score"] > 0 and metrics_module(dataset).compute(read_back) == scored

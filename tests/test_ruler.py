@@ -517,6 +517,44 @@ def test_hub_source_maps_columns(monkeypatch):
     assert df["max_new_tokens"].tolist() == [30, 32, 32] and (df["context_length"] == 4096).all()
 
 
+def test_hub_tasks_the_set_lacks_are_refused_not_left_out(monkeypatch):
+    """Asking for every task of a set holding two averaged those two under the name of the whole of RULER."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: hub_stand_in())
+    with pytest.raises(KVBenchError, match=r"no rows for the task\(s\) niah_single_1, .*leave them out") as caught:
+        ruler.load({"source": "hub", "context_length": 4096}, None)
+    assert "qa_1" not in str(caught.value) and " vt" not in str(caught.value)
+
+
+def test_a_local_copy_of_a_hub_export_loads_and_its_files_are_the_identity(tmp_path):
+    """A local folder as dataset.hub_id was refused as 'neither an existing directory nor a hub id'."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "README.md").write_text('---\nconfigs:\n- config_name: "4096"\n  data_files:\n  - split: test\n'
+                                        "    path: data/4096.jsonl\n---\n")
+    row = {"context": "ctx", "question": "q", "answer_prefix": " Answer:", "answer": ["x"], "task": "qa_1", "max_new_tokens": 32}
+    data = tmp_path / "data" / "4096.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    cfg = {"source": "hub", "hub_id": str(tmp_path), "context_length": 4096, "tasks": ["qa_1"]}
+    assert ruler.load(cfg, None)["answers"].tolist() == [["x"]]
+    before = ruler.data_inputs(cfg)
+    data.write_text(json.dumps({**row, "answer": ["y"]}) + "\n")
+    assert set(before) == {"local_files"} and before["local_files"] and ruler.data_inputs(cfg) != before
+
+
+@pytest.mark.parametrize("tasks", [5, True, 3.5, {"a": 1}])
+def test_tasks_of_another_type_are_one_error(tasks):
+    with pytest.raises(KVBenchError, match="dataset.tasks must be null, all, a task name or a list of task names"):
+        ruler.select_tasks(tasks)
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0])
+def test_reserve_generation_must_be_a_boolean(value):
+    """bool("no") is True: the run reserved the answer's room under a name saying it did not."""
+    with pytest.raises(KVBenchError, match="dataset.reserve_generation must be true or false"):
+        ruler.load({"reserve_generation": value, "context_length": 512}, object())
+
+
 def test_hub_offline_or_bad_config_is_a_clear_error(monkeypatch):
     import datasets
 

@@ -315,6 +315,20 @@ def test_a_bad_job_fails_alone_and_the_others_finish(tmp_path):
 
 
 @pytest.mark.integration
+def test_a_budget_beside_a_ratio_sweep_is_refused_as_job_by_job(tmp_path):
+    """The launcher ran its jobs without the entry point's check: one budget run was stored, computed twice,
+    under the names of two ratios it did not use."""
+    out = tmp_path / "shared"
+    result, prefills = kvbench_sweep(out, SHARED, *PG19, "dataset.context_length=128", "press=snapkv", "budget=16",
+                                     "compression_ratio=0.25,0.5", check=False)
+    assert result.returncode != 0
+    for ratio in ("0.25", "0.5"):
+        assert result.stderr.count(f"error: budget=16 keeps 16 tokens per head whatever compression_ratio says; "
+                                   f"drop compression_ratio={ratio} (or budget)") == 1
+    assert runs(out) == {} and prefills == []
+
+
+@pytest.mark.integration
 def test_a_stale_directory_fails_its_own_job_and_the_rest_of_its_group_is_computed(tmp_path):
     out = tmp_path / "shared"
     knorm = "pg19__smollm2-135m__knorm__0.50__context_length=128__eval_length=16__max_windows_per_book=2__num_books=1"

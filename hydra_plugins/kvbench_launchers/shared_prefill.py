@@ -85,11 +85,12 @@ def job_keys(config: DictConfig, idx: int) -> tuple[str, str]:
     (no_press at several ratios) are one computation, kept in one chunk (split apart, the second chunk would wait
     on the first one's lock). A job that fails validation gets keys of its own, so its error (raised again by
     ``execute_many``, before anything is written) fails that job alone, not its group."""
-    from kvbench.runner import prefill_group_key, result_directory, validate
+    from kvbench.runner import check_budget_alone, prefill_group_key, result_directory, validate
 
     task = task_config(config)
     try:
         validate(task)
+        check_budget_alone(task, list(config.hydra.overrides.task))
         return prefill_group_key(task), str(result_directory(task, job_variant(config)).path.resolve())
     except Exception:  # noqa: BLE001 - reported by the job's own run, where Hydra records it
         return f"invalid job {idx}", f"invalid job {idx}"
@@ -131,17 +132,20 @@ class PrefillGroup:
     each job's outcome (its metrics, or the error that refused it alone, or the group's exception); every call
     returns its own job's score or raises its own job's error."""
 
-    def __init__(self, configs: list[tuple[DictConfig, str]]) -> None:
+    def __init__(self, configs: list[tuple[DictConfig, str]], overrides: list[list[str]]) -> None:
         self.configs = configs
+        self.overrides = overrides  # each job's command-line overrides, for the checks the entry point makes
         self.outcome: list | BaseException | None = None
 
     def run(self, position: int, cfg: DictConfig) -> float | None:
         from kvbench.errors import KVBenchError
 
         if self.outcome is None:
-            from kvbench.runner import execute_many
+            from kvbench.runner import check_budget_alone, execute_many
 
             try:
+                for (task, _), overrides in zip(self.configs, self.overrides):
+                    check_budget_alone(task, overrides)  # a refused job has a group of its own (job_keys)
                 self.outcome = execute_many(self.configs)
             except Exception as exc:  # noqa: BLE001 - every job of the group failed with it; Hydra reports it
                 self.outcome = exc
@@ -167,7 +171,8 @@ def run_chunk(hydra_context: HydraContext, chunk: list[SweepJob], logging_config
         from kvbench.worker_guard import exit_with
 
         exit_with(launcher_pid)
-    group = PrefillGroup([(task_config(job.config), job_variant(job.config)) for job in chunk])
+    group = PrefillGroup([(task_config(job.config), job_variant(job.config)) for job in chunk],
+                         [list(job.config.hydra.overrides.task) for job in chunk])
     returns = []
     for position, job in enumerate(chunk):
         ret = run_job(hydra_context=hydra_context, task_function=functools.partial(group.run, position), config=job.config,
@@ -239,6 +244,17 @@ class SharedPrefillLauncher(Launcher):
         for number, chunk in enumerate(chunks):
             for job in chunk:
                 log.info(f"\t#{job.idx} (group {number}) : {' '.join(filter_overrides(job.config.hydra.overrides.task))}")
+        try:
+            done = self._run(chunks, workers, logging_config)
+        except KeyboardInterrupt:  # as the entry point does: Hydra's job runner is not around this launcher's loop
+            from kvbench.runner import exit_interrupted
+
+            exit_interrupted(str(self.config.output_dir))
+        returns = dict(pair for chunk in done for pair in chunk)
+        return [returns[job.idx] for job in jobs]
+
+    def _run(self, chunks: list[list[SweepJob]], workers: int, logging_config: tuple[Any, Any]) -> list[list[tuple[int, JobReturn]]]:
+        assert self.hydra_context is not None
         if workers:
             state = Singleton.get_state()
             try:
@@ -248,8 +264,7 @@ class SharedPrefillLauncher(Launcher):
                 worker_died(exc)
         else:
             done = [run_chunk(self.hydra_context, chunk, logging_config) for chunk in chunks]
-        returns = dict(pair for chunk in done for pair in chunk)
-        return [returns[job.idx] for job in jobs]
+        return done
 
     def _load(self, idx: int, overrides: Sequence[str]) -> SweepJob:
         assert self.config is not None and self.hydra_context is not None

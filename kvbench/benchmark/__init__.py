@@ -50,6 +50,8 @@ def run(options: BenchmarkOptions) -> pd.DataFrame:
     jobs = plan(options)
     model = model_source.load(source, options.device, options.dtype, options.attn, options.seed)
     options.out.mkdir(parents=True, exist_ok=True)
+    for stale in (DECODE_PLOT, CACHE_PLOT):  # an earlier run's plots beside this run's CSV would show other numbers
+        (options.out / stale).unlink(missing_ok=True)
     df = run_grid(model, options, jobs, source.name, on_row=lambda partial: _write_csv(partial, options.out))
     _write_csv(df, options.out)
     plot_decode(df, options.out / DECODE_PLOT)
@@ -60,7 +62,7 @@ def run(options: BenchmarkOptions) -> pd.DataFrame:
 def bound_only(options: BenchmarkOptions) -> pd.DataFrame:
     """The computed memory-bound table for ``options`` (no weights loaded, nothing measured or written)."""
     source = model_source.resolve_source(options.model)
-    check_options(options, max_length(source.config))
+    check_options(options, max_length(source.config), decoding=False)
     _, dtype = model_source.check_runtime(options.device, options.dtype, options.attn)
     return bound.bound_table(source.config, dtype, list(options.context_lengths), list(options.ratios), options.bandwidth_gbps,
                              QUESTION_TOKENS)

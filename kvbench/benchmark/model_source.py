@@ -21,6 +21,7 @@ from kvbench.models import (
     check_supported,
     load_config,
     load_model,
+    max_length,
     resolve_device,
     resolve_dtype,
 )
@@ -85,8 +86,19 @@ def resolve_source(spec: str) -> ModelSource:
         name_or_path = preset_name_or_path(target) or target
         config = load_config(name_or_path)
     check_supported(config)
-    name = Path(target).stem if Path(target).expanduser().exists() else target.rsplit("/", 1)[-1]
-    return ModelSource(name=("random-" if random else "") + name, name_or_path=name_or_path, config=config, random_weights=random)
+    return ModelSource(name=("random-" if random else "") + _label(target), name_or_path=name_or_path, config=config,
+                       random_weights=random)
+
+
+def _label(target: str) -> str:
+    """The model's name in the CSV and plots: a folder's name (``Llama-3.1-8B``, not the ``Llama-3`` a suffix-stripping
+    stem gives), a config file's folder, a hub id's last part."""
+    path = Path(target).expanduser()
+    if path.is_file():
+        return path.parent.resolve().name if path.name == "config.json" else path.stem
+    if path.exists():
+        return path.resolve().name
+    return target.rstrip("/").rsplit("/", 1)[-1]
 
 
 def check_runtime(device: str, dtype: str, attn: str) -> tuple[torch.device, torch.dtype]:
@@ -112,3 +124,16 @@ def load(source: ModelSource, device: str, dtype: str, attn: str, seed: int = 0)
     except ImportError as exc:
         raise KVBenchError(f"attn_implementation={attn} is not available here ({exc}); use sdpa or eager") from exc
     return model.eval()
+
+
+def check_prefill_args(source: ModelSource, context: int, ratios: list[float], repeats: int = 1) -> None:
+    """The benchmark scripts' own numbers, refused in one line before the model loads (a zero context failed deep in
+    the prefill, a zero repeat count in the median, a ratio of 1.5 after the model had loaded)."""
+    limit = max_length(source.config)
+    if context < 1 or (limit is not None and context > limit):
+        raise KVBenchError(f"--context must be a number of tokens from 1 to the model's {limit or 'maximum'}, got {context}")
+    bad = [r for r in ratios if not 0.0 <= r < 1.0]
+    if bad:
+        raise KVBenchError(f"a compression ratio is a number in [0, 1) (the fraction of the cache removed), got {bad[0]:g}")
+    if repeats < 1:
+        raise KVBenchError(f"--repeats must be at least 1, got {repeats}")

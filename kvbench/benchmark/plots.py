@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import matplotlib
@@ -36,8 +38,7 @@ def plot_decode(df: pd.DataFrame, path: Path) -> None:
     axes[0][0].set_ylabel("decode ms / token")
     fig.suptitle(_title(df), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_cache(df: pd.DataFrame, path: Path) -> None:
@@ -59,5 +60,15 @@ def plot_cache(df: pd.DataFrame, path: Path) -> None:
     axes[0][0].set_ylabel("cache MiB after prefill")
     fig.suptitle(_title(df), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    """Draw into a temporary file beside ``path`` and move it in place: a reader never sees half a PNG."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(temporary, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(temporary, path)
+    finally:
+        plt.close(fig)
+        temporary.unlink(missing_ok=True)

@@ -8,6 +8,8 @@ run would. Decoding ignores EOS so every row decodes exactly ``decode_tokens`` t
 
 from __future__ import annotations
 
+import math
+
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -55,14 +57,15 @@ class Job:
     press: Press = field(compare=False)
 
 
-def check_options(options: BenchmarkOptions, model_max_length: int | None) -> None:
-    """Refuse bad values with one actionable line, before any model is loaded or any file written."""
+def check_options(options: BenchmarkOptions, model_max_length: int | None, decoding: bool = True) -> None:
+    """Refuse bad values with one actionable line, before any model is loaded or any file written (``decoding``:
+    whether tokens are decoded after the context; the computed bound alone decodes none)."""
     if not options.context_lengths or not options.presses or not options.ratios:
         raise KVBenchError("--context-lengths, --presses and --ratios each need at least one value")
     for length in options.context_lengths:
         if length <= QUESTION_TOKENS:
             raise KVBenchError(f"context length {length} is too short: it must exceed the {QUESTION_TOKENS} question tokens")
-        if model_max_length is not None and length + options.decode_tokens - 1 > model_max_length:
+        if decoding and model_max_length is not None and length + options.decode_tokens - 1 > model_max_length:
             raise KVBenchError(f"context length {length} with {options.decode_tokens} decoded tokens reaches position "
                                f"{length + options.decode_tokens - 1}, above the model's max_position_embeddings="
                                f"{model_max_length}; drop it from --context-lengths or lower --decode-tokens")
@@ -73,8 +76,8 @@ def check_options(options: BenchmarkOptions, model_max_length: int | None) -> No
         raise KVBenchError(f"--decode-tokens must be at least 2 (ms/token is timed after the first token), got {options.decode_tokens}")
     if options.repeats < 1:
         raise KVBenchError(f"--repeats must be at least 1, got {options.repeats}")
-    if options.bandwidth_gbps is not None and options.bandwidth_gbps <= 0:
-        raise KVBenchError(f"--bandwidth-gbps must be positive, got {options.bandwidth_gbps:g}")
+    if options.bandwidth_gbps is not None and not (math.isfinite(options.bandwidth_gbps) and options.bandwidth_gbps > 0):
+        raise KVBenchError(f"--bandwidth-gbps must be a positive number, got {options.bandwidth_gbps:g}")
     existing = next(path for path in (options.out, *options.out.parents) if path.exists())
     if not existing.is_dir():
         raise KVBenchError(f"--out {options.out}: {existing} is a file; give a folder for the CSV and plots")

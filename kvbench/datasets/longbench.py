@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,9 @@ def _task_list(cfg: Mapping[str, Any]) -> list[str]:
         return list(TASKS)
     if isinstance(tasks, str):
         tasks = [tasks]
-    tasks = [str(t) for t in tasks]
+    if not isinstance(tasks, Sequence):
+        raise KVBenchError(f"dataset.tasks must be null, a task name or a list of task names, got {tasks!r}")
+    tasks = list(dict.fromkeys(str(t) for t in tasks))  # a task named twice is run once
     unknown = [t for t in tasks if t not in PROMPTS]
     if unknown:
         raise KVBenchError(

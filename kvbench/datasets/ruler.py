@@ -11,8 +11,9 @@ into ``question``, so a press compresses the context alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 
@@ -21,7 +22,7 @@ from kvbench.datasets import ruler_data
 from kvbench.datasets.options import positive_int
 from kvbench.datasets.ruler_tasks import MAX_NEW_TOKENS, RULER_COMMIT, SPECS, Prompt, Target, generate
 from kvbench.errors import KVBenchError
-from kvbench.fingerprint import package_version
+from kvbench.fingerprint import files_digest, package_version
 from kvbench.generation import prompt_tokens
 
 TASKS: tuple[str, ...] = tuple(SPECS)
@@ -54,7 +55,12 @@ def select_tasks(tasks) -> list[str]:
     """``None``/``"all"`` -> every task; otherwise a list (or comma-separated string) of task names."""
     if tasks is None or tasks == "all":
         return list(TASKS)
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t) for t in tasks]
+    if isinstance(tasks, str):
+        names = [t.strip() for t in tasks.split(",")]
+    elif isinstance(tasks, Sequence):  # a list, or OmegaConf's ListConfig
+        names = [str(t) for t in tasks]
+    else:
+        raise KVBenchError(f"dataset.tasks must be null, all, a task name or a list of task names, got {tasks!r}")
     unknown = [name for name in names if name not in TASKS]
     if unknown or not names:
         raise KVBenchError(f"unknown RULER task(s) {', '.join(unknown) or '(none given)'}; valid names: {', '.join(TASKS)}")
@@ -79,7 +85,9 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
     seed = _option(cfg, "seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise KVBenchError(f"dataset.seed must be an integer, got {seed!r}")
-    reserve = bool(_option(cfg, "reserve_generation"))
+    reserve = _option(cfg, "reserve_generation")
+    if not isinstance(reserve, bool):  # bool("no") is True: a string would reserve under a name saying it does not
+        raise KVBenchError(f"dataset.reserve_generation must be true or false, got {reserve!r}")
     commit = str(_option(cfg, "ruler_commit"))
     if commit != RULER_COMMIT:
         raise KVBenchError(
@@ -113,7 +121,11 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
 def data_inputs(cfg: Mapping | None) -> dict[str, str | None]:
     """What generated samples are drawn from besides the config: RULER's data package and the word lists."""
     if str(_option(cfg, "source")) == "hub":
-        return {"hub_commit": hub.commit(str(_option(cfg, "hub_id")), _option(cfg, "revision"), "dataset")}
+        hub_id = str(_option(cfg, "hub_id"))
+        if Path(hub_id).expanduser().is_dir():  # a local copy of a hub export: its files are what the run reads
+            folder = Path(hub_id).expanduser()
+            return {"local_files": files_digest(folder.rglob("*"), folder)}
+        return {"hub_commit": hub.commit(hub_id, _option(cfg, "revision"), "dataset")}
     return {ruler_data.DISTRIBUTION: package_version(ruler_data.DISTRIBUTION), "wonderwords": package_version("wonderwords")}
 
 
@@ -148,7 +160,8 @@ def _load_hub(cfg: Mapping | None, tasks: list[str], length: int, num_samples: i
     import datasets
 
     try:
-        revision = hub.load_revision(hub_id, _option(cfg, "revision"), "dataset")
+        local = Path(hub_id).expanduser().is_dir()
+        revision = None if local else hub.load_revision(hub_id, _option(cfg, "revision"), "dataset")
         frame = datasets.load_dataset(hub_id, config, split="test", revision=revision).to_pandas()
     except Exception as exc:  # network, auth and missing-dataset errors come from several libraries
         raise KVBenchError(
@@ -172,7 +185,8 @@ def _load_hub(cfg: Mapping | None, tasks: list[str], length: int, num_samples: i
             "sample_id": [f"{task}-{i:04d}" for i in range(len(rows))],
             "context_length": target,
         }, columns=list(COLUMNS)))
-    result = pd.concat(parts, ignore_index=True)
-    if result.empty:
-        raise KVBenchError(f"{hub_id} ({config}) has no rows for the task(s) {', '.join(tasks)}")
-    return result
+    absent = [task for task, part in zip(tasks, parts) if part.empty]
+    if absent:  # the run would average the other tasks under the name of the whole set
+        raise KVBenchError(f"{hub_id} ({config}) has no rows for the task(s) {', '.join(absent)}; "
+                           "leave them out with dataset.tasks=[...]")
+    return pd.concat(parts, ignore_index=True)

@@ -108,13 +108,17 @@ def build_leaderboard(
             "predictions.csv — run the benchmark first or pass the right results directory"
         )
     out = Path(out_dir) if out_dir is not None else Path(results_dir) / "leaderboard"
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "leaderboard.csv"
-    table.to_csv(csv_path, index=False)
-    md_path = out / "leaderboard.md"
-    md_path.write_text(to_markdown(table, skipped), encoding="utf-8")
-    plots = make_plots(table, out)
-    html_path = write_html(out / "index.html", table, plots, skipped)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        csv_path = out / "leaderboard.csv"
+        table.to_csv(csv_path, index=False)
+        md_path = out / "leaderboard.md"
+        md_path.write_text(to_markdown(table, skipped), encoding="utf-8")
+        plots = make_plots(table, out)
+        html_path = write_html(out / "index.html", table, plots, skipped)
+    except OSError as exc:  # a file where the folder should be, a read-only or full disk
+        raise KVBenchError(f"cannot write the leaderboard to {out} ({exc.strerror or exc}); "
+                           "pass --out with a directory you can write") from exc
     board = Leaderboard(table, skipped, out, csv_path, md_path, html_path, plots)
     if push_wandb:
         from kvbench.leaderboard.wandb_report import push_leaderboard

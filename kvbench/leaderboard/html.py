@@ -16,6 +16,7 @@ import pandas as pd
 
 from kvbench.leaderboard.plots import PlotInfo
 from kvbench.leaderboard.table import (
+    DUPLICATE_MARK,
     NO_PRESS,
     SMOKE_MARK,
     TRUNCATED_MARK,
@@ -23,6 +24,7 @@ from kvbench.leaderboard.table import (
     all_smoke,
     block_winners,
     blocks,
+    counted_runs,
     format_ratio,
     format_score,
     higher_is_better,
@@ -127,7 +129,8 @@ def _grid_html(table: pd.DataFrame, dataset: str, model: str) -> str:
             mark = marks.at[label, column] if text else ""
             css = "num best" if text and label in winners.get(column, ()) else "num"
             css += " smoke" if SMOKE_MARK in mark else ""
-            tip = "; ".join(t for m, t in ((SMOKE_MARK, "smoke run"), (TRUNCATED_MARK, "prompts truncated")) if m in mark)
+            tip = "; ".join(t for m, t in ((SMOKE_MARK, "smoke run"), (TRUNCATED_MARK, "prompts truncated"),
+                                               (DUPLICATE_MARK, "also stored as another run directory")) if m in mark)
             sup = f'<sup class="mark" title="{_e(tip)}">{_e(mark)}</sup>' if mark else ""
             cells.append(f'<td class="{css}">{_e(text)}{sup}</td>')
         css = ' class="reference"' if str(label).startswith(NO_PRESS) else ""
@@ -194,7 +197,7 @@ def render_html(
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<header><h1>{_e(title)}</h1><p>{_plural(len(table), 'run')} · "
+        f"<header><h1>{_e(title)}</h1><p>{_e(counted_runs(table))} · "
         f"{_plural(table['dataset'].nunique() if len(table) else 0, 'dataset')} · "
         f"{_plural(table['model'].nunique() if len(table) else 0, 'model')} · generated {generated}</p></header>",
         "<main>",

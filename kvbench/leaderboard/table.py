@@ -311,6 +311,11 @@ def _separate_conflicts(table: pd.DataFrame) -> pd.DataFrame:
         for index, row in cell.iterrows():
             suffix = f"{row['device']}, {row['dtype']}" if by_setup else Path(row["run_dir"]).name
             labels[index] = f"{row['label']} @ {suffix}"
+    # a second copy of a relabelled run is listed under its first run's label, which is the one the grids show
+    first_label = dict(zip(live["run_name"], labels[live.index]))
+    for index, first in table["duplicate_of"].fillna("").items():
+        if first:
+            labels[index] = first_label.get(first, labels[index])
     return table.assign(label=labels)
 
 
@@ -537,13 +542,18 @@ def format_score(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
 
 
+def counted_runs(table: pd.DataFrame) -> str:
+    """How many runs the leaderboard shows: a second copy of an identity is listed, never counted again."""
+    copies = int((table["duplicate_of"].fillna("") != "").sum()) if "duplicate_of" in table else 0
+    shown = len(table) - copies
+    return f"{shown} run{'' if shown == 1 else 's'}" + (f" ({copies} stored twice, shown once: {DUPLICATE_MARK})" if copies else "")
+
+
 def to_markdown(table: pd.DataFrame, skipped: list[SkippedRun] | None = None) -> str:
     """A Markdown leaderboard, one score grid per (dataset, model); in bold, per ratio, the best compressed score
     among runs of one setting (:func:`block_winners`)."""
     lines = ["# KV-cache compression leaderboard", ""]
-    copies = int((table["duplicate_of"].fillna("") != "").sum()) if "duplicate_of" in table else 0
-    counted = f"{len(table) - copies} runs" + (f" ({copies} stored twice, shown once: {DUPLICATE_MARK})" if copies else "")
-    lines.append(f"{counted}. Rows: press; columns: compression ratio (fraction of the KV cache removed).")
+    lines.append(f"{counted_runs(table)}. Rows: press; columns: compression ratio (fraction of the KV cache removed).")
     lines.append("`no_press` is the uncompressed reference (ratio 0.00). Bold: the best compressed score of a ratio among runs "
                  "of the same settings (a smoke run only where no full run competes).")
     lines.append("")

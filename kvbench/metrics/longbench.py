@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.errors import KVBenchError
+from kvbench.metrics.answer_lists import text_list
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -283,13 +284,11 @@ def length_bucket(length: int) -> str:
 def _classes(value: Any) -> list[str] | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    return [str(v) for v in value]
+    return text_list(value)
 
 
 def _answers(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]
+    return text_list(value)
 
 
 def compute(predictions: pd.DataFrame) -> dict:

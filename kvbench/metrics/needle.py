@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KVBenchError
+from kvbench.metrics.answer_lists import text_list
 
 HEATMAP_FILE = "needle_heatmap.png"
 
@@ -40,7 +41,7 @@ def _scored(predictions: pd.DataFrame) -> pd.DataFrame:
         raise KVBenchError(f"needle predictions lack column(s) {', '.join(sorted(missing))}; score the output of the needle dataset")
     if predictions.empty:
         raise KVBenchError("no needle predictions to score; check that the run produced outputs")
-    scores = [keyword_score(p, list(a)) for p, a in zip(predictions["prediction"], predictions["answers"], strict=True)]
+    scores = [keyword_score(p, text_list(a)) for p, a in zip(predictions["prediction"], predictions["answers"], strict=True)]
     return pd.DataFrame(
         {
             "context_length": predictions["context_length"].astype(int).to_numpy(),

@@ -17,13 +17,13 @@ from collections.abc import Iterable
 import pandas as pd
 
 from kvbench.errors import KVBenchError
+from kvbench.metrics.answer_lists import text_list
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def _references(references: Iterable[str] | str) -> list[str]:
-    # A lone string would otherwise be scored character by character.
-    return [references] if isinstance(references, str) else [str(r) for r in references]
+    return text_list(references)
 
 
 def _found(prediction: str, references: Iterable[str] | str) -> list[bool]:

@@ -8,6 +8,7 @@ rewrites the cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -64,21 +65,34 @@ class LayerState:
                                      self.rope_scale)
 
 
-def require_int(press: object, name: str, low: int) -> None:
-    """A count parameter: an integer (not a bool) of at least ``low``, else one line naming it and its range.
+# Seeds up to 2^32 - 1, as numpy takes them: with a layer index added they stay within torch's 64-bit seeds.
+SEED_LIMIT = 2**32 - 1
+
+
+def require_int(press: object, name: str, low: int, high: int | None = None) -> None:
+    """A count parameter: an integer (not a bool) in ``[low, high]`` (``high=None``: no upper end), else one line
+    naming it and its range.
 
     Out-of-range counts do not fail where they are read: a window of 0 crashes mid-prefill, zero future
     positions give NaN scores, a negative sink count silently keeps other tokens. So they are refused here.
     """
     value = getattr(press, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise KVBenchError(f"press parameter {name} must be an integer >= {low}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise KVBenchError(f"press parameter {name} must be an integer {span}, got {value!r}")
+
+
+def require_seed(press: object, name: str = "seed") -> None:
+    """A seed torch takes for every layer (``seed + layer_idx``): a larger one passed this check and failed in the
+    first prefill, after the model had loaded."""
+    require_int(press, name, 0, SEED_LIMIT)
 
 
 def require_number(press: object, name: str, low: float, high: float | None = None) -> None:
-    """A real parameter in ``[low, high]`` (``high=None``: no upper end); bools and strings are refused."""
+    """A finite real parameter in ``[low, high]`` (``high=None``: no upper end); bools and strings are refused, and
+    so is infinity (an infinite epsilon or blending makes every score infinite: the kept tokens would be arbitrary)."""
     value = getattr(press, name)
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     if bad or value < low or (high is not None and value > high):
         span = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
         raise KVBenchError(f"press parameter {name} must be a number {span}, got {value!r}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import LayerState, Press, require_int, require_number
+from kvbench.presses.base import LayerState, Press, require_int, require_number, require_seed
 from kvbench.presses.snapkv import pool_same_length
 
 
@@ -115,9 +115,9 @@ class CompactorPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, low in (("sink_size_start", 0), ("sink_size_end", 0), ("chunk_size", 1), ("sketch_dimension", 1),
-                          ("seed", 0)):
+        for name, low in (("sink_size_start", 0), ("sink_size_end", 0), ("chunk_size", 1), ("sketch_dimension", 1)):
             require_int(self, name, low)
+        require_seed(self)
         if self.blending is not None:
             require_number(self, "blending", 0.0)
 

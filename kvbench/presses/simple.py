@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.presses.base import LayerState, Press, require_bool, require_int
+from kvbench.presses.base import LayerState, Press, require_bool, require_int, require_seed
 
 
 @dataclass
@@ -36,7 +36,7 @@ class RandomPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_int(self, "seed", 0)
+        require_seed(self)
 
     def score(self, state: LayerState) -> torch.Tensor:
         generator = torch.Generator(device=state.keys.device).manual_seed(self.seed + state.layer_idx)
