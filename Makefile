@@ -55,12 +55,12 @@ bench: setup
 	$(PY) benchmarks/press_overhead.py
 
 bench-speed: setup
-	$(PY) -m kvbench.benchmark --model smollm2-135m --context-lengths 1024,2048,4096 --presses no_press,snapkv,adakv_snapkv,expected_attention --ratios 0,0.5,0.75 --decode-tokens 32 --out results/speed
+	$(PY) -m kvbench.benchmark --model smollm2-135m --context-lengths 1024,2048,4096 --presses no_press,snapkv,adakv_snapkv,expected_attention --ratios 0,0.5,0.75 --decode-tokens 32 --repeats 2 --bandwidth-gbps 50 --out results/speed
 
 # Shared prefill vs job by job (3 presses x 3 ratios, PG-19 and RULER at 2048 tokens), the bytes every press' cache
 # holds, and batch_size=4 vs 1: each prints its figures and checks that the faster path gives the same results.
 bench-sweep: setup
-	$(PY) benchmarks/shared_prefill_speedup.py
+	$(PY) benchmarks/shared_prefill_speedup.py --repeats 2
 	$(PY) benchmarks/cache_bytes.py --ratios 0.5 0.75
 	$(PY) benchmarks/batch_throughput.py --batch-sizes 1 4
 

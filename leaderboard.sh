@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The standard kvbench sweep as three Hydra multiruns, then the leaderboard (docs/sweeps.md explains the
+# The standard kvbench sweep as Hydra multiruns (the passes below), then the leaderboard (docs/sweeps.md explains the
 # launchers and how results from many workers merge).
 #
 #   1. baseline     no_press                                         (hydra/sweeper=baseline)
@@ -123,8 +123,8 @@ if [[ "$QUICK" == 1 ]]; then
     esac
 fi
 
-# Leaderboard-grade data where a preset's defaults are a smoke run (RULER's default is `make run`'s: 2 samples
-# per task, where one sample moves a task score by 50 points). An override given after -- wins: its key is
+# Leaderboard-grade data where a preset's defaults are a smoke run (RULER's default is `make run`'s: 1 sample
+# per task, which moves a task score by 100 points). An override given after -- wins: its key is
 # left out here, so the run name carries one value. PG-19 and needle presets are leaderboard-grade already.
 FULL_ARGS=()
 if [[ "$QUICK" != 1 ]]; then

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import matplotlib
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 
 from kvbench.errors import KVBenchError
-from kvbench.leaderboard import load_results
+from kvbench.leaderboard import load_results, skipped_warning
 from kvbench.leaderboard.plots import draw_vs_ratio, line_styles
 from kvbench.leaderboard.table import format_ratio, higher_is_better
 
@@ -36,8 +37,11 @@ PAPER_RC = {
 
 def score_vs_ratio_grid(results_dir: str | Path, models: list[str] | None = None,
                         datasets: list[str] | None = None) -> Figure:
-    """Build the grid figure; raises KVBenchError when the selection matches no runs."""
-    table, _ = load_results(results_dir)
+    """Build the grid figure; raises KVBenchError when the selection matches no runs. Run directories left out
+    (incomplete or corrupt) are named on stderr, as the leaderboard names them."""
+    table, skipped = load_results(results_dir)
+    for line in skipped_warning(skipped):
+        print(line, file=sys.stderr)
     if models:
         table = table[table["model"].isin(models)]
     if datasets:
@@ -59,15 +63,19 @@ def score_vs_ratio_grid(results_dir: str | Path, models: list[str] | None = None
                 ax = axes[r][c]
                 block = table[(table["model"] == model) & (table["dataset"] == dataset)]
                 higher = higher_is_better(table, dataset)
-                if not draw_vs_ratio(ax, block, "score", styles):
+                drawn = draw_vs_ratio(ax, block, "score", styles)
+                # a dataset's title on its first drawn panel, a model's name on its row's first (the first row or
+                # column may have no runs of it)
+                if drawn and not any(table.loc[table["model"] == m, "dataset"].eq(dataset).any() for m in rows[:r]):
+                    ax.set_title(DATASET_TITLES.get(dataset, dataset))
+                first_in_row = drawn and not any(table.loc[table["model"] == model, "dataset"].eq(d).any() for d in columns[:c])
+                if not drawn:
                     ax.set_axis_off()
                     continue
-                if r == 0:
-                    ax.set_title(DATASET_TITLES.get(dataset, dataset))
                 if r == len(rows) - 1:
                     ax.set_xlabel("compression ratio")
                 ylabel = "perplexity (↓)" if not higher else "score (↑)"
-                ax.set_ylabel(f"{model}\n{ylabel}" if c == 0 else ylabel)
+                ax.set_ylabel(f"{model}\n{ylabel}" if first_in_row else ylabel)
                 ticks = sorted(set(block.loc[block["press"] != "no_press", "compression_ratio"]))
                 if ticks:
                     ax.set_xticks(ticks, [format_ratio(t) for t in ticks], rotation=0)
@@ -91,14 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", action="append", help="dataset(s) to include (repeatable; default: all)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.results_dir) / "leaderboard" / "paper_score_vs_ratio.pdf"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:  # matplotlib would say so after the whole figure was built
+        print(f"error: --out {out} names no figure format; end it in one of {', '.join('.' + f for f in sorted(formats))}",
+              file=sys.stderr)
+        return 2
     try:
         fig = score_vs_ratio_grid(args.results_dir, args.model, args.dataset)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with matplotlib.rc_context(PAPER_RC):
+            fig.savefig(out, dpi=200, bbox_inches="tight")
     except KVBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with matplotlib.rc_context(PAPER_RC):
-        fig.savefig(out, dpi=200, bbox_inches="tight")
+    except OSError as exc:
+        print(f"error: cannot write --out {out} ({exc.strerror or exc}); choose a path you can write", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

@@ -23,6 +23,7 @@ the CSV's ``latency_source``: prefill + compression for the first token, teacher
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from kvbench.errors import KVBenchError
-from kvbench.leaderboard import load_results
+from kvbench.leaderboard import load_results, skipped_warning
 
 STUDY_PRESS = "snapkv"
 REFERENCES = ("knorm", "no_press")
@@ -61,8 +62,12 @@ def _teacher_forced_seconds_per_token(run_dir: str) -> float:
 
 
 def study_table(results_dir: str | Path, model: str | None = None, dataset: str = "pg19") -> pd.DataFrame:
-    """One row per budget run of snapkv, knorm or no_press on ``dataset``; raises KVBenchError when there is none."""
-    table, _ = load_results(results_dir)
+    """One row per budget run of snapkv, knorm or no_press on ``dataset``; raises KVBenchError when there is none, or
+    when the runs answer different questions (another context length, seed, decode timing...): a line averages over
+    everything it does not name, so two grids in one folder would draw points no run produced."""
+    table, skipped = load_results(results_dir)
+    for line in skipped_warning(skipped):
+        print(line, file=sys.stderr)
     if table.empty:
         raise KVBenchError(f"no complete runs in '{results_dir}'; run `python -m kvbench -m hydra/sweeper=snapkv_grid` "
                            f"(and snapkv_grid_baselines) with output_dir={results_dir} first")
@@ -75,6 +80,7 @@ def study_table(results_dir: str | Path, model: str | None = None, dataset: str 
     if (table["press"] == STUDY_PRESS).sum() == 0:
         raise KVBenchError(f"no SnapKV budget runs on dataset '{dataset}'{f' for model {model}' if model else ''} in "
                            f"'{results_dir}'; run `python -m kvbench -m hydra/sweeper=snapkv_grid output_dir={results_dir}`")
+    _check_one_study(table, results_dir)
     rows = []
     for record in table.to_dict("records"):
         press = _press_config(record["run_dir"])
@@ -97,6 +103,36 @@ def study_table(results_dir: str | Path, model: str | None = None, dataset: str 
         })
     return pd.DataFrame(rows, columns=list(CSV_COLUMNS)).sort_values(["press", *PRESS_KEYS[:3], "budget"], na_position="first",
                                                                      kind="stable").reset_index(drop=True)
+
+
+def _study_setting(row: dict) -> dict:
+    """What a run measured apart from its press and budget (the leaderboard's setting less the budget), flattened,
+    with whether it timed decoding (perplexity runs without it report other latencies)."""
+    try:
+        setting = json.loads(row["setting"])
+    except (TypeError, ValueError):  # a run without config.yaml: its variant text
+        setting = {"variant": str(row["setting"])}
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix.rstrip(".")] = json.dumps(value, sort_keys=True, default=str)
+
+    walk("", {key: value for key, value in setting.items() if key != "budget"})
+    flat["decode timing"] = "yes" if not math.isnan(row["ttft_seconds"]) else "no"
+    return flat
+
+
+def _check_one_study(table: pd.DataFrame, results_dir: str | Path) -> None:
+    settings = [_study_setting(row) for row in table.to_dict("records")]
+    differing = sorted({key for s in settings for key in s if len({t.get(key) for t in settings}) > 1})
+    if differing:
+        shown = "; ".join(f"{key}: {', '.join(sorted({str(s.get(key)) for s in settings}))}" for key in differing[:4])
+        raise KVBenchError(f"the budget runs in '{results_dir}' are of several settings ({shown}); a line would average "
+                           "across them: give each grid its own output_dir")
 
 
 def line_name(row: pd.Series, clusterings: int) -> str:
@@ -183,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.results_dir) / "leaderboard" / "snapkv_design_space"
-    out.mkdir(parents=True, exist_ok=True)
-    study.to_csv(out / "design_space.csv", index=False)
-    for name, fig in figures(study).items():
-        fig.savefig(out / name, dpi=150)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        study.to_csv(out / "design_space.csv", index=False)
+        for name, fig in figures(study).items():
+            fig.savefig(out / name, dpi=150)
+    except OSError as exc:
+        print(f"error: cannot write --out {out} ({exc.strerror or exc}); choose a folder you can write", file=sys.stderr)
+        return 2
     print(f"wrote {len(study)} runs: {out}/design_space.csv and 4 figures")
     return 0
 

@@ -66,10 +66,12 @@ def differences(job_by_job: Path, shared: Path) -> list[str]:
             found.append(f"{name}: identity")
         a = pd.read_csv(solo / "predictions.csv", keep_default_na=False)
         b = pd.read_csv(other / "predictions.csv", keep_default_na=False)
-        if "prediction" in a.columns:
+        if a["sample_id"].tolist() != b["sample_id"].tolist():  # other rows: the comparisons below would align nothing
+            found.append(f"{name}: other samples ({len(a)} rows against {len(b)})")
+        elif "prediction" in a.columns:
             if a["prediction"].tolist() != b["prediction"].tolist():
                 found.append(f"{name}: {int((a['prediction'] != b['prediction']).sum())} predictions")
-        elif ((a["perplexity"] - b["perplexity"]).abs() / a["perplexity"]).max() > PERPLEXITY_RTOL:
+        elif not ((a["perplexity"] - b["perplexity"]).abs() / a["perplexity"] <= PERPLEXITY_RTOL).all():  # NaN fails too
             found.append(f"{name}: perplexity beyond {PERPLEXITY_RTOL:g} relative")
     return found
 

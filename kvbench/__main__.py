@@ -40,17 +40,37 @@ def check_group_choices(argv: list[str]) -> None:
 
 
 def _chosen(argv: list[str], group: str) -> list[str]:
-    """The config names of ``group`` a run or sweep uses: ``group=a,b`` on the command line, else the default of
-    ``conf/config.yaml``; none where a sweep function (``choice(...)``, ``glob(...)``) decides."""
+    """The config names of ``group`` a run or sweep uses: ``group=...`` on the command line, else the
+    ``hydra/sweeper=<preset>``'s parameter, else the default of ``conf/config.yaml``; sweep syntax (``a,b``,
+    ``choice(...)``, ``glob(...)``) expanded as Hydra expands it."""
     value = None
     for arg in argv:
         key, sep, given = arg.partition("=")
         if sep and key.lstrip("+") == group:
             value = given
+        elif sep and key == "hydra/sweeper" and value is None:
+            preset = CONF_DIR / "hydra" / "sweeper" / f"{given}.yaml"
+            params = OmegaConf.load(preset).get("params", {}) if preset.is_file() else {}
+            value = None if params.get(group) is None else str(params[group])
     if value is None:
         defaults = OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", [])
         value = next((str(d[group]) for d in defaults if isinstance(d, Mapping) and group in d), "")
-    return [] if "(" in value else [name for name in value.split(",") if name]
+    return _expanded(group, value)
+
+
+def _expanded(group: str, value: str) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
+    try:
+        override = OverridesParser.create().parse_override(f"{group}={value}")
+    except Exception:  # noqa: BLE001 - Hydra reports its own syntax errors
+        return []
+    if isinstance(override.value(), Glob):
+        return override.value().filter(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+    if override.is_sweep_override():
+        return [str(name) for name in override.sweep_string_iterator()]
+    return [str(override.value())] if value else []
 
 
 def check_group_keys(argv: list[str]) -> None:
@@ -61,13 +81,23 @@ def check_group_keys(argv: list[str]) -> None:
         group, dot, leaf = key.partition(".")
         if not sep or not dot or group not in GROUP_KEYS_SAID:  # "+group.key" adds a key: refused after composing
             continue
-        leaf = leaf.split(".")[0]
-        for name in _chosen(argv, group):
-            path = CONF_DIR / group / f"{name}.yaml"
-            known = sorted(str(k) for k in OmegaConf.load(path) if k not in ("defaults", "name")) if path.is_file() else None
-            if known is not None and leaf not in known and leaf != "name":
-                valid = f"valid: {', '.join(known)}" if known else f"it has no {GROUP_KEYS_SAID[group]}s"
-                raise KVBenchError(f"{group} '{name}' has no {GROUP_KEYS_SAID[group]} {leaf}; {valid} (see conf/{group}/{name}.yaml)")
+        leaf, said = leaf.split(".")[0], GROUP_KEYS_SAID[group]
+        known = {name: _declared(group, name) for name in _chosen(argv, group)}
+        lacking = [name for name, keys in known.items() if keys is not None and leaf not in keys and leaf != "name"]
+        if len(lacking) == 1:
+            keys = known[lacking[0]]
+            valid = f"valid: {', '.join(keys)}" if keys else f"it has no {said}s"
+            raise KVBenchError(f"{group} '{lacking[0]}' has no {said} {leaf}; {valid} (see conf/{group}/{lacking[0]}.yaml)")
+        if lacking:
+            having = [name for name in known if name not in lacking]
+            hint = f"; sweep those that have it: {group}={','.join(having)}" if having else ""
+            raise KVBenchError(f"{group} {', '.join(lacking)} have no {said} {leaf} (see conf/{group}/){hint}")
+
+
+def _declared(group: str, name: str) -> list[str] | None:
+    """The keys ``conf/<group>/<name>.yaml`` declares (``name`` itself aside); None for a name it has no file for."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    return sorted(str(k) for k in OmegaConf.load(path) if k not in ("defaults", "name")) if path.is_file() else None
 
 
 def check_launcher(argv: list[str]) -> None:

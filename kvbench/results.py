@@ -293,7 +293,7 @@ class RunDirectory:
         diff = identity_difference(recorded, _plain(identity))
         if diff:
             shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
-            raise KVBenchError(f"{self.path} holds a result of another setup ({shown}); overwrite=true reruns it")
+            raise KVBenchError(f"{self.path} holds a result of another setup ({shown}); overwrite=true reruns it, or choose another output_dir")
 
     # -- resume -------------------------------------------------------------------------------------
     def load_checkpoint(self, identity: dict) -> pd.DataFrame | None:

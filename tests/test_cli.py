@@ -73,6 +73,10 @@ def complete_dirs(out: Path) -> list[Path]:
         (["press=knorm", "press.window_size=8"], "press 'knorm' has no parameter window_size; it has no parameters "
                                                   "(see conf/press/knorm.yaml)"),
         (["-m", "press=snapkv,knorm", "press.window_size=8"], "press 'knorm' has no parameter window_size"),
+        (["-m", "hydra/sweeper=presses", "press.window_size=8"], "press adakv_compactor, compactor, "
+         "critical_adakv_expected_attention, critical_expected_attention, expected_attention, keydiff, knorm, random, "
+         "streaming_llm, tova have no parameter window_size (see conf/press/); sweep those that have it: "
+         "press=adakv_snapkv,critical_adakv_snapkv,critical_snapkv,pyramidkv,snapkv"),
         (["dataset.eval_len=8"], "dataset 'pg19' has no setting eval_len; valid: context_length, eval_length,"),
         (["model.dtyp=float32"], "model 'smollm2-135m' has no setting dtyp; valid: attn_implementation, dtype,"),
         (["logger=nonexistent"], "unknown logger 'nonexistent'; valid names: none, wandb"),

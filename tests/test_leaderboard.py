@@ -313,6 +313,39 @@ def test_paper_figures_script(tree, tmp_path):
     assert module.main([str(root), "--out", str(out), "--model", "no-such-model"]) == 2
 
 
+def _paper_figures():
+    spec = importlib.util.spec_from_file_location("paper_figures", REPO / "analysis" / "paper_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_figures_label_every_drawn_column_and_row(tmp_path):
+    """A model without runs of the first dataset lost its name, and a dataset no run of the first model has lost its
+    title: labels went on the first row and column only, which are turned off when empty."""
+    write_run(tmp_path, "longbench_e", "llama-3.1-8b", "snapkv", 0.5, 40.0)
+    write_run(tmp_path, "ruler", "qwen3-8b", "snapkv", 0.5, 60.0)
+    fig = _paper_figures().score_vs_ratio_grid(tmp_path)
+    drawn = [ax for ax in fig.axes if ax.axison and ax.lines]
+    assert sorted(ax.get_title() for ax in drawn) == ["LongBench-E", "RULER"]
+    assert sorted(ax.get_ylabel().split("\n")[0] for ax in drawn) == ["llama-3.1-8b", "qwen3-8b"]
+
+
+def test_paper_figures_refuse_an_out_without_a_format_or_unwritable_and_name_skipped_runs(tree, tmp_path, capsys):
+    root, _ = tree
+    module = _paper_figures()
+    for out in (tmp_path / "fig", tmp_path / "fig.txt"):  # "fig" was written as PNG and reported as "fig"
+        assert module.main([str(root), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} names no figure format; end it in one of ") and not out.exists()
+    (tmp_path / "a-file").write_text("")
+    assert module.main([str(root), "--out", str(tmp_path / "a-file" / "fig.pdf")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write --out {tmp_path / 'a-file' / 'fig.pdf'} (")
+    assert module.main([str(root), "--out", str(tmp_path / "fig.png")]) == 0
+    assert "warning: skipped" in capsys.readouterr().err  # the tree holds corrupt run directories
+
+
 def test_best_is_among_runs_of_one_setting_and_full_runs_before_smoke_runs(tmp_path):
     """A quick run at another context length, or a smoke run, never outranks the leaderboard-grade runs; a press
     parameter (press.window_size) is the same benchmark and competes."""

@@ -389,8 +389,31 @@ def test_fwe_filler_six_letter_words_and_rulers_zipf_counts(generated):
             assert matching, observed[:6]
 
 
+# Where kvpress cut RULER's prompts into context and question for its published set (simonjegou/ruler): at the last
+# match of the task family's question pattern (evaluation/benchmarks/ruler/create_huggingface_dataset.py).
+KVPRESS_QUESTION_PATTERNS = {
+    "niah": r"What (?:is|are all) the special magic",
+    "vt": r"Question: Find all variables that are assigned the value",
+    "cwe": r"Question: What are the \d+ most common words in the above list\?",
+    "fwe": r"Question: Do not provide any explanation\.",
+    "qa": r"Answer the question based on the given documents\.",
+}
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_context_and_question_part_where_kvpress_parts_them(generated, task):
+    """A press compresses the context alone, and SnapKV's window is its end: qa kept RULER's repeated instruction in
+    the context (compressed, and the window ended on it), where kvpress' split puts it in the question."""
+    pattern = re.compile(KVPRESS_QUESTION_PATTERNS[task.split("_")[0]])
+    for length in TASK_LENGTHS[task]:
+        frame = generated[length] if length in generated else generated[4096]
+        for row in frame[frame["task"] == task].itertuples():
+            text = row.context + row.question + row.answer_prefix
+            assert list(pattern.finditer(text))[-1].start() == len(row.context), (task, row.question[:80])
+
+
 def qa_documents(row) -> list[str]:
-    body = row.context.split("The following are given documents.\n\n", 1)[1].rsplit("\n\n" + ruler_tasks.QA_INSTRUCTION, 1)[0]
+    body = row.context.split("The following are given documents.\n\n", 1)[1].removesuffix("\n\n")
     parts = re.split(r"(?:^|\n\n)Document (\d+):\n", body)
     assert parts[0] == "" and [int(i) for i in parts[1::2]] == list(range(1, len(parts) // 2 + 1))
     return parts[2::2]
@@ -407,7 +430,7 @@ def test_qa_distractors_come_from_the_gold_article_first(generated, corpus_index
     corpus = ruler_data.squad() if task == "qa_1" else ruler_data.hotpotqa()
     for length in LENGTHS:
         for row in rows(generated, task, length):
-            question = row.question.removeprefix("Question: ")
+            question = row.question.removeprefix(f"{ruler_tasks.QA_INSTRUCTION}\n\nQuestion: ")
             item = next(i for i in corpus.items if i.question == question)
             docs = [corpus_index[task][d] for d in qa_documents(row)]
             assert len(set(docs)) == len(docs) and set(item.gold) <= set(docs) and len(docs) > len(item.gold)

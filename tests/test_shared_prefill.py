@@ -393,3 +393,22 @@ def test_two_configurations_naming_one_directory_do_not_share_its_result(tmp_pat
            "0.1234564)" in result.stderr
     (run,) = runs(out).values()
     assert json.loads((run / "identity.json").read_text())["config"]["compression_ratio"] == 0.1234561
+
+
+def test_the_speedup_scripts_comparison_sees_missing_rows(tmp_path, monkeypatch):
+    """benchmarks/shared_prefill_speedup.py judged a shared sweep that wrote fewer windows equal to job-by-job: the
+    missing rows' NaN differences dropped out of the maximum."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    speedup = importlib.import_module("shared_prefill_speedup")
+    name = "pg19__smollm2-135m__knorm__0.50"
+    for side, perplexities in (("solo", [10.0, 11.0]), ("shared", [10.0])):
+        run = tmp_path / side / name
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text("{}")
+        (run / "identity.json").write_text("{}")
+        pd.DataFrame({"sample_id": [f"emma/{i}" for i in range(len(perplexities))], "perplexity": perplexities}).to_csv(
+            run / "predictions.csv", index=False)
+    assert speedup.differences(tmp_path / "solo", tmp_path / "shared") == [f"{name}: other samples (2 rows against 1)"]
+    assert speedup.differences(tmp_path / "solo", tmp_path / "solo") == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -168,6 +169,41 @@ def test_analysis_draws_four_figures_and_a_csv_from_result_directories(tmp_path)
     assert snap["ttft_seconds"].eq(0.5).all() and snap["compression_share"].round(4).eq(round(0.05 / 0.45, 4)).all()
     knorm = study[study["press"] == "knorm"].sort_values("budget")
     assert list(knorm["seconds_per_token"].round(6)) == [round(0.001 * b / 512, 6) for b in (64, 128, 256)]
+
+
+def test_analysis_refuses_to_average_two_studies_and_names_skipped_runs(tmp_path, capsys):
+    """A second grid at another context length in the same folder was averaged into the first one's lines (a
+    no_press point half-way between two perplexities no run produced), and corrupt runs were left out silently."""
+    main = script().main
+    results = tmp_path / "results"
+    write_study(results, budgets=(64,), windows=(32,), kernels=(5,), poolings=("avg",))
+    other = write_run(results, "pg19", "smollm2-135m", "no_press", 0.0, 20.0, variant="budget=64__context_length=2048",
+                      extra={"budget": 64, "kind": "perplexity"})
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["budget"], config["dataset"]["context_length"] = 64, 2048
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(results), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the budget runs in") and "several settings (dataset.context_length: " in err
+    assert "give each grid its own output_dir" in err and not (tmp_path / "out").exists()
+
+    shutil.rmtree(other)
+    torn = next(p for p in results.iterdir() if p.name.startswith("pg19__smollm2-135m__knorm"))
+    (torn / "metrics.json").write_text("{")
+    assert main([str(results), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipped 1 incomplete or corrupt run dir(s):" in err and torn.name in err
+
+
+def test_analysis_cannot_write_its_folder_in_one_line(tmp_path, capsys):
+    main = script().main
+    results = tmp_path / "results"
+    write_study(results, budgets=(64,), windows=(32,), kernels=(5,), poolings=("avg",))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert main([str(results), "--out", str(blocked)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot write --out {blocked} (") and "\n" not in err
 
 
 @pytest.mark.parametrize("setup,message", [

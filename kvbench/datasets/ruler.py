@@ -5,8 +5,9 @@ generators do (templates and settings of the commit in ``ruler_commit``), at any
 the evaluated model's own tokenizer, so small models and CPU runs get prompts that really are as long as asked.
 As in RULER, ``context_length`` holds the whole prompt as the model reads it (chat template included) and the
 answer's ``max_new_tokens`` (``reserve_generation``).
-``source=hub`` reads kvpress' fixed 4k/8k/16k set (``simonjegou/ruler``) for comparisons with published numbers. Either way the instruction and haystack go into ``context`` and the query
-into ``question``, so a press compresses the context alone.
+``source=hub`` reads kvpress' fixed 4k/8k/16k set (``simonjegou/ruler``) for comparisons with published numbers. Either
+way the prompt is cut into ``context`` and ``question`` where kvpress cuts RULER's prompts (at the last occurrence of the
+question's opening: for qa, RULER's instruction repeated after the documents), so a press compresses the same text.
 """
 
 from __future__ import annotations

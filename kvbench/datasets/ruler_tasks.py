@@ -435,8 +435,10 @@ def qa(spec: dict, rng: random.Random, target: Target, task: str, seed: int) -> 
 
     def build(docs: list[int]) -> Prompt:
         body = "\n\n".join(f"Document {i}:\n{corpus.documents[d]}" for i, d in enumerate(docs, 1))
-        context = f"{QA_INSTRUCTION}\n\nThe following are given documents.\n\n{body}\n\n{QA_INSTRUCTION}\n\n"
-        return Prompt(context, f"Question: {item.question}", " Answer:", list(item.answers))
+        # RULER repeats the instruction after the documents; kvpress' split (at the instruction's last occurrence)
+        # puts the repeat in the question, so it is never compressed and SnapKV's window ends on the documents
+        context = f"{QA_INSTRUCTION}\n\nThe following are given documents.\n\n{body}\n\n"
+        return Prompt(context, f"{QA_INSTRUCTION}\n\nQuestion: {item.question}", " Answer:", list(item.answers))
 
     for _ in range(100):  # leave distractors at least a tenth of the budget, else draw another question
         item = corpus.items[rng.randrange(len(corpus.items))]

@@ -39,6 +39,7 @@ __all__ = [
     "SMOKE_SAMPLES",
     "SkippedRun",
     "blocks",
+    "skipped_warning",
     "build_leaderboard",
     "format_ratio",
     "line_label",
@@ -79,10 +80,16 @@ class Leaderboard:
         if len(copies):
             lines.append(f"  warning: {len(copies)} run dir(s) repeat another's identity (shown once, not averaged):")
             lines.extend(f"    {name} = {first}" for name, first in zip(copies["run_name"], copies["duplicate_of"]))
-        if self.skipped:
-            lines.append(f"  warning: skipped {len(self.skipped)} incomplete or corrupt run dir(s):")
-            lines.extend(f"    {s.path}: {s.reason}" for s in self.skipped)
+        lines.extend(f"  {line}" for line in skipped_warning(self.skipped))
         return "\n".join(lines)
+
+
+def skipped_warning(skipped: list[SkippedRun]) -> list[str]:
+    """The lines saying which run directories were left out and why (none when nothing was): every reader of
+    ``results/`` says so, so a figure never silently lacks a run."""
+    if not skipped:
+        return []
+    return [f"warning: skipped {len(skipped)} incomplete or corrupt run dir(s):", *(f"  {s.path}: {s.reason}" for s in skipped)]
 
 
 def build_leaderboard(
