@@ -9,7 +9,6 @@ run would. Decoding ignores EOS so every row decodes exactly ``decode_tokens`` t
 from __future__ import annotations
 
 import math
-
 import os
 import statistics
 from dataclasses import dataclass, field

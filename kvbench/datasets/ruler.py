@@ -123,11 +123,17 @@ def data_inputs(cfg: Mapping | None) -> dict[str, str | None]:
     """What generated samples are drawn from besides the config: RULER's data package and the word lists."""
     if str(_option(cfg, "source")) == "hub":
         hub_id = str(_option(cfg, "hub_id"))
-        if Path(hub_id).expanduser().is_dir():  # a local copy of a hub export: its files are what the run reads
-            folder = Path(hub_id).expanduser()
+        folder = _local_copy(hub_id)
+        if folder is not None:  # its files are what the run reads
             return {"local_files": files_digest(folder.rglob("*"), folder)}
         return {"hub_commit": hub.commit(hub_id, _option(cfg, "revision"), "dataset")}
     return {ruler_data.DISTRIBUTION: package_version(ruler_data.DISTRIBUTION), "wonderwords": package_version("wonderwords")}
+
+
+def _local_copy(hub_id: str) -> Path | None:
+    """The folder ``dataset.hub_id`` names when it is a local copy of a hub export (read as it is, no revision)."""
+    folder = Path(hub_id).expanduser()
+    return folder if folder.is_dir() else None
 
 
 def _fitted(task: str, seed: int, index: int, target: Target, tokenizer, attempts: int = 3) -> Prompt:
@@ -161,7 +167,7 @@ def _load_hub(cfg: Mapping | None, tasks: list[str], length: int, num_samples: i
     import datasets
 
     try:
-        local = Path(hub_id).expanduser().is_dir()
+        local = _local_copy(hub_id) is not None
         revision = None if local else hub.load_revision(hub_id, _option(cfg, "revision"), "dataset")
         frame = datasets.load_dataset(hub_id, config, split="test", revision=revision).to_pandas()
     except Exception as exc:  # network, auth and missing-dataset errors come from several libraries
