@@ -55,6 +55,9 @@ def score_vs_ratio_grid(results_dir: str | Path, models: list[str] | None = None
     columns = [d for d in DATASET_ORDER if d in present] + sorted(d for d in present if d not in DATASET_ORDER)
     rows = list(dict.fromkeys(table["model"]))
     styles = line_styles(table)
+    pairs = set(zip(table["model"], table["dataset"]))
+    first_model = {d: next(m for m in rows if (m, d) in pairs) for d in columns}
+    first_dataset = {m: next(d for d in columns if (m, d) in pairs) for m in rows}
     with matplotlib.rc_context(PAPER_RC):
         fig = Figure(figsize=(2.6 * len(columns) + 0.6, 2.3 * len(rows) + 0.7), layout="constrained")
         axes = fig.subplots(len(rows), len(columns), squeeze=False)
@@ -63,19 +66,17 @@ def score_vs_ratio_grid(results_dir: str | Path, models: list[str] | None = None
                 ax = axes[r][c]
                 block = table[(table["model"] == model) & (table["dataset"] == dataset)]
                 higher = higher_is_better(table, dataset)
-                drawn = draw_vs_ratio(ax, block, "score", styles)
-                # a dataset's title on its first drawn panel, a model's name on its row's first (the first row or
-                # column may have no runs of it)
-                if drawn and not any(table.loc[table["model"] == m, "dataset"].eq(dataset).any() for m in rows[:r]):
-                    ax.set_title(DATASET_TITLES.get(dataset, dataset))
-                first_in_row = drawn and not any(table.loc[table["model"] == model, "dataset"].eq(d).any() for d in columns[:c])
-                if not drawn:
+                if not draw_vs_ratio(ax, block, "score", styles):
                     ax.set_axis_off()
                     continue
+                # a dataset's title on its column's first panel with runs, a model's name on its row's first (the
+                # first row or column may have none of them)
+                if model == first_model[dataset]:
+                    ax.set_title(DATASET_TITLES.get(dataset, dataset))
                 if r == len(rows) - 1:
                     ax.set_xlabel("compression ratio")
                 ylabel = "perplexity (↓)" if not higher else "score (↑)"
-                ax.set_ylabel(f"{model}\n{ylabel}" if first_in_row else ylabel)
+                ax.set_ylabel(f"{model}\n{ylabel}" if dataset == first_dataset[model] else ylabel)
                 ticks = sorted(set(block.loc[block["press"] != "no_press", "compression_ratio"]))
                 if ticks:
                     ax.set_xticks(ticks, [format_ratio(t) for t in ticks], rotation=0)

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 
 from kvbench.errors import KVBenchError
 from kvbench.leaderboard import load_results, skipped_warning
+from kvbench.results import flat_keys
 
 STUDY_PRESS = "snapkv"
 REFERENCES = ("knorm", "no_press")
@@ -112,16 +113,8 @@ def _study_setting(row: dict) -> dict:
         setting = json.loads(row["setting"])
     except (TypeError, ValueError):  # a run without config.yaml: its variant text
         setting = {"variant": str(row["setting"])}
-    flat: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}{key}.", inner)
-        else:
-            flat[prefix.rstrip(".")] = json.dumps(value, sort_keys=True, default=str)
-
-    walk("", {key: value for key, value in setting.items() if key != "budget"})
+    flat = {key: json.dumps(value, sort_keys=True, default=str)
+            for key, value in flat_keys({k: v for k, v in setting.items() if k != "budget"}).items()}
     flat["decode timing"] = "yes" if not math.isnan(row["ttft_seconds"]) else "no"
     return flat
 

@@ -96,8 +96,10 @@ def check_group_keys(argv: list[str]) -> None:
 
 def _declared(group: str, name: str) -> list[str] | None:
     """The keys ``conf/<group>/<name>.yaml`` declares (``name`` itself aside); None for a name it has no file for."""
+    from kvbench.known_keys import declared_keys
+
     path = CONF_DIR / group / f"{name}.yaml"
-    return sorted(str(k) for k in OmegaConf.load(path) if k not in ("defaults", "name")) if path.is_file() else None
+    return sorted(declared_keys(path) - {"name"}) if path.is_file() else None
 
 
 def check_launcher(argv: list[str]) -> None:

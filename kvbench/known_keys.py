@@ -17,7 +17,8 @@ from kvbench.results import CONF_DIR, TOP_LEVEL_KEYS
 
 
 @functools.lru_cache(maxsize=None)
-def _yaml_keys(*paths: Path) -> frozenset[str]:
+def declared_keys(*paths: Path) -> frozenset[str]:
+    """The top-level keys the config files declare (their Hydra ``defaults`` list aside)."""
     keys: set[str] = set()
     for path in paths:
         keys |= {str(k) for k in (OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}) if k != "defaults"}
@@ -36,8 +37,8 @@ def check_known_keys(cfg: DictConfig) -> None:
     _refuse_unknown(cfg.keys(), TOP_LEVEL_KEYS, "kvbench", "conf/config.yaml")
     dataset_file = CONF_DIR / "dataset" / f"{cfg.dataset.name}.yaml"
     if dataset_file.is_file():
-        _refuse_unknown(cfg.dataset.keys(), _yaml_keys(dataset_file), f"dataset '{cfg.dataset.name}'",
+        _refuse_unknown(cfg.dataset.keys(), declared_keys(dataset_file), f"dataset '{cfg.dataset.name}'",
                         f"conf/dataset/{cfg.dataset.name}.yaml")
     model_files = tuple(sorted((CONF_DIR / "model").glob("*.yaml")))
     if model_files and "model" in cfg:
-        _refuse_unknown(cfg.model.keys(), _yaml_keys(*model_files), "model", "conf/model/")
+        _refuse_unknown(cfg.model.keys(), declared_keys(*model_files), "model", "conf/model/")

@@ -228,18 +228,19 @@ def identity_apart_from(identity: dict, config_keys: tuple[str, ...]) -> dict:
     return {**plain, "config": {k: v for k, v in plain["config"].items() if k not in config_keys}}
 
 
-def _flat(data, prefix: str = "") -> dict:
+def flat_keys(data, prefix: str = "") -> dict:
+    """A nested dict as ``{"config.press.window_size": 8, ...}`` (an empty dict stays a leaf)."""
     if isinstance(data, dict):
         out = {}
         for key, value in data.items():
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_keys(value, f"{prefix}{key}."))
         return out if out or not prefix else {prefix[:-1]: {}}
     return {prefix[:-1]: data}
 
 
 def identity_difference(recorded: dict, wanted: dict) -> list[str]:
     """``["dtype: float32 -> bfloat16", ...]`` for every key whose value differs, sorted by key."""
-    old, new = _flat(recorded), _flat(wanted)
+    old, new = flat_keys(recorded), flat_keys(wanted)
     missing = object()
 
     def show(value) -> str:
