@@ -72,6 +72,23 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def remove_leftovers(target: Path) -> None:
+    """Delete what a killed build of ``target`` left beside it (its staging and renamed-aside directories: a
+    SIGKILL skips every ``finally``). Only called under ``target``'s lock, which every builder holds."""
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def sync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` to disk, so the rename that publishes it never outlives its content
+    (after a power loss, a published directory with truncated files would look complete)."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
 def ensure_dir(target: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool],
                lock_path: Path | None = None) -> Path:
     """Return ``target`` once complete, building it with ``build(staging_dir)`` if no process has yet.
@@ -85,9 +102,11 @@ def ensure_dir(target: Path, build: Callable[[Path], None], is_complete: Callabl
     with lock_for(target, lock_path):
         if is_complete(target):
             return target
+        remove_leftovers(target)
         staging = staging_dir(target)
         try:
             build(staging)
+            sync_tree(staging)
             replace_dir(staging, target)
         finally:
             if staging.exists():

@@ -29,6 +29,7 @@ PACKAGED_MODELS = {
 }
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_root() -> Path:
@@ -71,14 +72,23 @@ def conversion_stamp(name: str) -> dict:
     }
 
 
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """Every file of a converted copy (but its stamp) with its size in bytes."""
+    return {path.name: path.stat().st_size for path in sorted(folder.iterdir())
+            if path.is_file() and path.name != CONVERSION_STAMP}
+
+
 def _is_converted(folder: Path, stamp: dict) -> bool:
-    """Complete (weights and tokenizer written) and made from and with what is installed now."""
+    """Complete (every file the conversion wrote, at the size it wrote it: a truncated weights file would fail
+    every later load) and made from and with what is installed now."""
     if not ((folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()):
         return False
     try:
-        return json.loads((folder / CONVERSION_STAMP).read_text()) == stamp
-    except (OSError, ValueError):
-        return False  # a copy from before the stamp existed, or a damaged one: converted again
+        recorded = json.loads((folder / CONVERSION_STAMP).read_text())
+        files = recorded.pop("files")
+        return recorded == stamp and files == _file_sizes(folder)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return False  # a copy from before the stamp (or its file sizes) existed, or a damaged one: converted again
 
 
 def convert_gguf(gguf: Path, staging: Path) -> None:
@@ -105,14 +115,16 @@ def packaged_model_dir(name: str) -> Path:
 
     The conversion goes through ``kvbench.atomic.ensure_dir``: two first runs at once (a joblib sweep on a
     fresh machine) convert once, the other waits for the lock; an interrupted one never leaves half a model.
-    A stale copy (``conversion_stamp`` differs) is replaced the same way.
+    A stale copy (``conversion_stamp`` differs) or a damaged one (a file's size differs from the one the
+    conversion wrote) is replaced the same way.
     """
     target = cache_root() / "models" / name
     stamp = conversion_stamp(name)
 
     def build(staging: Path) -> None:
         convert_gguf(packaged_gguf_path(name), staging)
-        (staging / CONVERSION_STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
+        recorded = {**stamp, "files": _file_sizes(staging)}
+        (staging / CONVERSION_STAMP).write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
 
     return atomic.ensure_dir(target, build, lambda folder: _is_converted(folder, stamp))
 
@@ -129,26 +141,32 @@ class ModelSpec:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:<index>`` of a visible GPU: the devices kvbench's caches and timings
+    are written for (any other backend, or ``meta``, would fail after the model loaded)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise KVBenchError(f"device={device} was asked for but no CUDA device is visible; use device=cpu or device=auto")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise KVBenchError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:<index>") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise KVBenchError(f"device={device} is not supported; kvbench runs on auto, cpu, cuda or cuda:<index>")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KVBenchError(f"device={device} was asked for but no CUDA device is visible; use device=cpu or device=auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise KVBenchError(f"device={device} names a GPU this machine lacks ({torch.cuda.device_count()} visible); "
+                               f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        value = getattr(torch, dtype)
-    except AttributeError:
-        value = None
-    if value not in (torch.float32, torch.bfloat16, torch.float16):
+    # By name only: torch's aliases (float, half) would record one computation under two names.
+    if dtype not in DTYPES:
         raise KVBenchError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
-    return value
+    return DTYPES[dtype]
 
 
 def resolve_source(name_or_path: str) -> Path | str:
@@ -234,9 +252,11 @@ def load_tokenizer(name_or_path: str = "smollm2-135m", revision: str | None = No
     source = resolve_source(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(source, **_revision_kwargs(source, revision))
-    except OSError as exc:
-        if isinstance(source, Path):
-            raise KVBenchError(f"could not read a tokenizer from {source}: {exc}") from exc
+    except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or damaged ones (JSON, a missing backend)
+        if isinstance(source, Path) or not isinstance(exc, OSError):
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KVBenchError(f"could not read a tokenizer from {source}: {reason}; save the model's tokenizer "
+                               "files beside it (tokenizer.json or tokenizer.model)") from exc
         raise _hub_error(str(source), exc) from exc
 
 
@@ -286,6 +306,20 @@ def check_supported(config) -> None:
         )
 
 
+def check_all_weights_loaded(source: Path | str, loading: dict) -> None:
+    """Refuse a checkpoint that lacks weights of the causal LM (a base ``AutoModel`` without its LM head, a
+    classifier): transformers fills them with random values, so every number would be noise that no identity
+    tells apart from another draw."""
+    missing = sorted(loading.get("missing_keys") or [])
+    mismatched = sorted(str(entry[0]) if isinstance(entry, (tuple, list)) else str(entry)
+                        for entry in loading.get("mismatched_keys") or [])
+    if missing or mismatched:
+        names = missing + mismatched
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise KVBenchError(f"{source} lacks weights a causal language model needs ({listed}): they would be random; "
+                           "point model.name_or_path at a checkpoint saved with AutoModelForCausalLM")
+
+
 def load_model(spec: ModelSpec):
     """Return ``(model, tokenizer)`` in eval mode on the resolved device."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -301,14 +335,15 @@ def load_model(spec: ModelSpec):
     try:
         config = AutoConfig.from_pretrained(source, **revision)
         check_supported(config)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=spec.attn_implementation,
-                                                     **revision)
+        model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True,
+                                                              attn_implementation=spec.attn_implementation, **revision)
     except OSError as exc:
         if isinstance(source, Path):
             raise KVBenchError(f"could not load a model from {source}: {exc}") from exc
         raise _hub_error(str(source), exc) from exc
     except ImportError as exc:
         raise KVBenchError(f"attn_implementation={spec.attn_implementation} is not available here ({exc}); use sdpa or eager") from exc
+    check_all_weights_loaded(source, loading)
     model.to(device).eval()
     fresh_rotary_state(model)  # what every prefill starts from (dynamic RoPE keeps state between calls)
     return model, load_tokenizer(spec.name_or_path, spec.revision)

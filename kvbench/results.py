@@ -121,12 +121,14 @@ def _variant_part(override: str) -> tuple[str, str] | None:
 def variant_from_overrides(overrides: list[str]) -> str:
     """Readable suffix from the command-line overrides that change results beyond the four name parts.
 
-    Injective: two override lists that differ in a key, a group or a value give different suffixes. The
+    Injective: two override lists that differ in a key, a group or a value give different suffixes (a key given
+    twice counts once, with its last value, the one Hydra applies). The
     readable text is kept when it is exact (only ``[A-Za-z0-9_.=+-~]``, no ``__`` inside a part); where
     cleaning lost something (``/``, spaces, brackets...) or the text passes 80 characters, a digest of the
     exact overrides is appended.
     """
-    parts = [p for p in map(_variant_part, overrides) if p is not None]
+    latest = {override.lstrip("+~").partition("=")[0]: override for override in overrides}  # Hydra applies a key's last
+    parts = [p for p in map(_variant_part, latest.values()) if p is not None]
     if not parts:
         return ""
     readable = sorted(r for r, _ in parts)

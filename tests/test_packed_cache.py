@@ -49,6 +49,23 @@ def test_packed_cache_holds_at_most_its_share_of_the_bytes(name, ratio):
     assert packed <= masked
 
 
+@pytest.mark.parametrize("name", ["adakv_snapkv", "snapkv"])
+def test_a_compressed_cache_keeps_its_share_of_the_bytes_while_it_decodes(name):
+    """The append buffer's spare space counts: it was an eighth of a row and at least 64 tokens, which took a
+    1k context at r = 0.75 to 0.31 of the uncompressed bytes after one decoded token (0.25 promised)."""
+    model, length, ratio = tiny_model("llama"), 1024, 0.75
+    ids = _ids(length, 0)
+    per_token = kv_bytes(_cache(model, ids, kvbench.build_press("no_press"))) / length
+    cache = _cache(model, ids, kvbench.build_press(name, compression_ratio=ratio))
+    generator = torch.Generator().manual_seed(1)
+    for step in range(1, 201):
+        for layer in cache.layers:
+            shape = (*layer.keys.shape[:2], 1, layer.keys.shape[-1])
+            layer.update(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+        if step in (1, 8, 200):
+            assert kv_bytes(cache) <= 1.05 * per_token * ((1 - ratio) * length + step), (name, step)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_packed_and_masked_layouts_decode_the_same_tokens(family, impl):
@@ -231,6 +248,23 @@ def test_the_flash_path_attends_as_the_cpu_path(q_len, group, monkeypatch):
     got, _ = packed_attention.packed_attention_forward(module, query, layer.keys, layer.values, None, scaling=d**-0.5)
     assert not got.isnan().any()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("version,usable", [("2.6.3", True), ("2.8.0.post2", True), ("2.5.9.post1", False),
+                                             ("1.0.9", False), ("", False), ("unknown", False)])
+def test_a_flash_attn_with_the_older_log_sum_exp_layout_is_not_used(version, usable, monkeypatch):
+    """flash-attn < 2.6 returns the varlen log-sum-exp as [seqs, heads, max_q]: reshaped as the newer [heads, total_q]
+    it merged the two parts with scrambled weights, silently."""
+    import sys
+    import types
+
+    from kvbench.compression import packed_attention
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(__version__=version,
+                                                                         flash_attn_varlen_func=_flash_varlen_stand_in))
+    assert packed_attention.flash_usable() is usable
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    assert packed_attention.flash_usable() is False
 
 
 def test_an_empty_question_is_answered_from_the_prefill_output_alone_and_in_a_batch():

@@ -27,6 +27,28 @@ def test_adakv_keeps_the_layer_total_with_a_per_head_floor():
     assert no_floor.mask[0, 1].sum() == 0 and no_floor.mask.sum() == 6
 
 
+def test_a_safeguard_below_one_token_still_keeps_one_per_head():
+    """kvpress 0.5.5 rounds a positive safeguard up to one token (int(5 * 0.1) = 0 would let head 1 lose its whole
+    context to head 0), for AdaKV and for CriticalKV's head-adaptive variant alike."""
+    from kvbench.presses.base import LayerState
+    from kvbench.presses.criticalkv import CriticalAdaKVPress
+
+    scores = torch.stack([torch.arange(20.0, 10.0, -1), torch.arange(10.0)]).unsqueeze(0)  # head 0 beats head 1 everywhere
+    assert selection.adakv(scores, n_kept=5, alpha_safeguard=0.1).mask.sum(-1).tolist() == [[9, 1]]
+    assert selection.adakv(scores, n_kept=5, alpha_safeguard=0.0).mask.sum(-1).tolist() == [[10, 0]]
+    assert selection.adakv(scores, n_kept=0, alpha_safeguard=0.1).mask.sum().item() == 0
+    assert selection.safeguard_count(5, 0.1) == 1 and selection.safeguard_count(10, 0.25) == 2
+
+    generator = torch.Generator().manual_seed(0)
+    module = output_projection_module(2, 1, 4, 8, generator)
+    values = torch.randn(1, 2, 10, 4, generator=generator)
+    state = LayerState(module=module, layer_idx=0, hidden_states=torch.zeros(1, 10, 8), keys=values.clone(), values=values,
+                       cos=None, sin=None, rotary=None)
+    press = CriticalAdaKVPress(compression_ratio=0.5, alpha_safeguard=0.1)
+    kept = press.select(scores, state, 5).mask
+    assert kept.sum(-1).tolist() == [[9, 1]] and bool(kept[0, 1, 9])  # head 1's own best token
+
+
 def test_uniform_selection_is_sorted_top_k():
     scores = torch.tensor([[[0.5, 0.9, 0.1, 0.8]]])
     assert selection.uniform(scores, 2).indices.tolist() == [[[1, 3]]]
@@ -111,8 +133,9 @@ def _loop_value_norm(values: torch.Tensor, weight: torch.Tensor, group: int) -> 
 
 
 def _loop_adakv_budgets(scores: list, n_kept: int, alpha: float) -> list[int]:
-    """AdaKV per-head counts for one batch row: each head's top int(n_kept * alpha), then the best of the rest."""
-    n_safe = int(n_kept * alpha)
+    """AdaKV per-head counts for one batch row: each head's top int(n_kept * alpha) (at least one), then the best of
+    the rest."""
+    n_safe = max(1, int(n_kept * alpha)) if alpha > 0 and n_kept > 0 else 0
     kv_heads = len(scores)
     safe = set()
     for h, row in enumerate(scores):
@@ -138,7 +161,8 @@ def _loop_critical(scores: list, norms: list, budgets: list[int], firsts: list[i
 
 @pytest.mark.parametrize(
     "batch,kv_heads,group,seq_len,ratio,first_stage_ratio",
-    [(1, 2, 1, 12, 0.5, 0.5), (2, 3, 2, 20, 0.75, 0.5), (1, 4, 3, 33, 0.25, 0.3), (2, 2, 4, 16, 0.6, 0.9)],
+    [(1, 2, 1, 12, 0.5, 0.5), (2, 3, 2, 20, 0.75, 0.5), (1, 4, 3, 33, 0.25, 0.3), (2, 2, 4, 16, 0.6, 0.9),
+     (2, 4, 1, 12, 0.75, 0.5)],  # the last: int(3 * 0.2) = 0, a safeguard of one token
 )
 def test_critical_adakv_selection_matches_a_straightforward_loop(batch, kv_heads, group, seq_len, ratio, first_stage_ratio):
     from kvbench.presses.base import LayerState
@@ -157,7 +181,7 @@ def test_critical_adakv_selection_matches_a_straightforward_loop(batch, kv_heads
     press = CriticalAdaKVPress(compression_ratio=ratio, first_stage_ratio=first_stage_ratio, epsilon=eps, alpha_safeguard=0.2)
     n_kept = press.n_kept(seq_len)
     mask = press.select(scores, state, n_kept).mask
-    n_safe = int(n_kept * 0.2)
+    n_safe = max(1, int(n_kept * 0.2))
     for i in range(batch):
         rows = scores[i].tolist()
         budgets = _loop_adakv_budgets(rows, n_kept, 0.2)

@@ -51,6 +51,12 @@ def test_settings_that_change_results_change_the_name():
     assert variant_from_overrides(base + ["query_aware=false"]) == ""
 
 
+def test_a_key_given_twice_is_named_by_the_value_hydra_applies():
+    twice = variant_from_overrides(["dataset.context_lengths=[200]", "dataset.context_lengths=[400]"])
+    assert twice == variant_from_overrides(["dataset.context_lengths=[400]"]) != variant_from_overrides(["dataset.context_lengths=[200]"])
+    assert variant_from_overrides(["press.window_size=32", "press.window_size=64"]) == "press.window_size=64"
+
+
 def test_long_variants_are_shortened_but_stay_distinct():
     a = variant_from_overrides([f"dataset.tasks=[{','.join('t' + str(i) for i in range(40))}]"])
     b = variant_from_overrides([f"dataset.tasks=[{','.join('t' + str(i) for i in range(41))}]"])

@@ -5,8 +5,8 @@ Softmax attention over a union of key sets splits exactly: attend to each part a
 flash-decoding uses across splits). The packed part is then attended once per call whatever each head keeps,
 and tokens appended later never force a re-pack.
 
-The packed part runs flash-attention's variable-length kernel when it is installed and the tensors are fp16/bf16
-on CUDA (each (sequence, KV head) is one variable-length sequence whose query rows are the head's GQA group).
+The packed part runs flash-attention's variable-length kernel when it is installed (2.6 or later) and the tensors are
+fp16/bf16 on CUDA (each (sequence, KV head) is one variable-length sequence whose query rows are the head's GQA group).
 Without it, on CUDA, plain PyTorch gathers a layer's packed block into a transient padded view (one kernel per
 layer; only the stored cache shrinks, not this layer's working set). On the CPU each (sequence, KV head) is
 attended through a view of its own slice of the packed block: nothing is copied or padded, and a decode step over
@@ -93,14 +93,29 @@ def _packed_part_flash(layer: PackedLayer, query: torch.Tensor, scaling: float) 
     return out.float().contiguous(), lse
 
 
+# flash-attn 2.6 returns the varlen log-sum-exp as [heads, total_q]; earlier releases as [seqs, heads, max_q], the
+# same number of elements, which the merge would read scrambled (no error, wrong attention).
+FLASH_MIN_VERSION = (2, 6)
+
+
+def flash_usable() -> bool:
+    """flash-attn is installed in a release whose varlen outputs ``_packed_part_flash`` reads."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        import flash_attn
+    except ImportError:
+        return False
+    try:
+        return Version(str(getattr(flash_attn, "__version__", ""))).release[:2] >= FLASH_MIN_VERSION
+    except InvalidVersion:
+        return False
+
+
 def _use_flash(layer: PackedLayer, query: torch.Tensor) -> bool:
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
         return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return flash_usable()
 
 
 def _tail_part(layer: PackedLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

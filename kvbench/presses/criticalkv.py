@@ -229,7 +229,7 @@ class CriticalAdaKVPress(CriticalKVPress):
         budgets = selection.adakv(scores, n_kept, self.alpha_safeguard).mask.sum(dim=-1)
         # AdaKV's safeguard tokens are the head's best base scores, so they stay in stage one even when
         # the head's first-stage share is smaller.
-        first = (budgets * self.first_stage_ratio).long().clamp_min(int(n_kept * self.alpha_safeguard))
+        first = (budgets * self.first_stage_ratio).long().clamp_min(selection.safeguard_count(n_kept, self.alpha_safeguard))
         # selection.two_stage, with the stage-one mask computed first so the norms can skip it
         stage_one = selection.ranks(scores) < first[..., None]
         rescaled = stage_two_scores(scores, state, stage_one, (budgets - first).clamp_min(0), self.epsilon)

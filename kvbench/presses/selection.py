@@ -36,15 +36,22 @@ def mask_from_indices(indices: torch.Tensor, seq_len: int) -> torch.Tensor:
     return mask.scatter_(-1, indices, True)
 
 
+def safeguard_count(n_kept: int, alpha_safeguard: float) -> int:
+    """The tokens AdaKV reserves for each head: ``int(n_kept * alpha_safeguard)``, but at least one whenever there is
+    a safeguard and a budget (kvpress' rule, so a small ``alpha`` or budget never leaves a head without context)."""
+    n_safe = int(n_kept * alpha_safeguard)
+    return max(1, n_safe) if alpha_safeguard > 0 and n_kept > 0 else n_safe
+
+
 def adakv(scores: torch.Tensor, n_kept: int, alpha_safeguard: float) -> Selection:
     """AdaKV (arXiv:2407.11550): one top-k over all (head, token) pairs of the layer, with a per-head floor.
 
-    Each head first gets its own top ``int(n_kept * alpha_safeguard)`` tokens (so no head collapses), then
+    Each head first gets its own top ``safeguard_count`` tokens (so no head collapses), then
     the layer's remaining budget goes to the best remaining pairs across heads. The layer keeps
     ``kv_heads * n_kept`` pairs in total, as uniform selection would.
     """
     b, h, seq_len = scores.shape
-    n_safe = int(n_kept * alpha_safeguard)
+    n_safe = safeguard_count(n_kept, alpha_safeguard)
     boosted = scores.float().clone()
     if n_safe > 0:
         safe = scores.topk(n_safe, dim=-1).indices
