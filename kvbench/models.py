@@ -310,12 +310,9 @@ def check_all_weights_loaded(source: Path | str, loading: dict) -> None:
     """Refuse a checkpoint that lacks weights of the causal LM (a base ``AutoModel`` without its LM head, a
     classifier): transformers fills them with random values, so every number would be noise that no identity
     tells apart from another draw."""
-    missing = sorted(loading.get("missing_keys") or [])
-    mismatched = sorted(str(entry[0]) if isinstance(entry, (tuple, list)) else str(entry)
-                        for entry in loading.get("mismatched_keys") or [])
-    if missing or mismatched:
-        names = missing + mismatched
-        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    missing = sorted(loading["missing_keys"])  # weights of another shape raise in from_pretrained itself
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise KVBenchError(f"{source} lacks weights a causal language model needs ({listed}): they would be random; "
                            "point model.name_or_path at a checkpoint saved with AutoModelForCausalLM")
 
@@ -343,6 +340,10 @@ def load_model(spec: ModelSpec):
         raise _hub_error(str(source), exc) from exc
     except ImportError as exc:
         raise KVBenchError(f"attn_implementation={spec.attn_implementation} is not available here ({exc}); use sdpa or eager") from exc
+    except RuntimeError as exc:  # weights whose shapes the config contradicts; out of memory
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KVBenchError(f"could not load a model from {source}: {reason}; check that its config.json matches its "
+                           "weights and that the device has room for them") from exc
     check_all_weights_loaded(source, loading)
     model.to(device).eval()
     fresh_rotary_state(model)  # what every prefill starts from (dynamic RoPE keeps state between calls)

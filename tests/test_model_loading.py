@@ -42,6 +42,14 @@ def test_a_checkpoint_without_its_lm_head_is_refused(tmp_path, tokenizer):
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
+def test_weights_that_contradict_their_config_are_one_line(tmp_path, tokenizer):
+    folder = _saved(tmp_path / "m", LlamaForCausalLM(LlamaConfig(**CONFIG)), tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))  # the weights have 256 rows
+    with pytest.raises(KVBenchError, match=f"could not load a model from {folder}: .*config.json matches its weights"):
+        load_model(ModelSpec(name_or_path=str(folder), device="cpu"))
+
+
 def test_a_missing_or_damaged_tokenizer_is_one_line(tmp_path, tokenizer):
     folder = _saved(tmp_path / "m", LlamaForCausalLM(LlamaConfig(**CONFIG)))
     with pytest.raises(KVBenchError, match=f"could not read a tokenizer from {folder}: .*save the model's tokenizer"):

@@ -32,10 +32,10 @@ class AppendBuffer:
     ``MIN_SPARE``): amortised, a token is copied at most ``SPARE_DIVISOR`` times, a fraction of the whole-cache read
     every step does anyway, and the spare space stays within a few percent of what the layer holds, so a compressed
     cache keeps the size it promised while it decodes (an eighth, at least 64 tokens, took a 1k context at r = 0.75
-    from 0.25 to 0.31 of the uncompressed bytes). A buffer is appended to only while ``keys``/``values`` are still the very views it handed out; anything that
-    reassigns them (a crop, ``truncate`` back to a shared context, a batch selection) makes the next append copy
-    into a new buffer, so a tensor handed out before is never written over. The spare capacity is counted in
-    ``layer_bytes`` (a storage is counted whole).
+    from 0.25 to 0.31 of the uncompressed bytes). A buffer is appended to only while ``keys``/``values`` are still
+    the very views it handed out; anything that reassigns them (a crop, ``truncate`` back to a shared context, a
+    batch selection) makes the next append copy into a new buffer, so a tensor handed out before is never written
+    over. The spare capacity is counted in ``layer_bytes`` (a storage is counted whole).
     """
 
     SPARE_DIVISOR = 32
