@@ -229,8 +229,10 @@ def test_decode_timing_is_refused_for_a_generation_dataset(tmp_path):
 def kill_after_two_windows(args: list[str], out: Path, sig: int = signal.SIGKILL, seen: list | None = None) -> int:
     """Start ``python -m kvbench *args``, send ``sig`` once its checkpoint holds two windows; the rows it holds
     (``seen`` gets the exit status and the output)."""
+    # A test run started in the background by a shell without job control inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: the child gets Ctrl-C's default, as from a terminal.
     process = subprocess.Popen([sys.executable, "-m", "kvbench", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     rows = None
     while time.time() < deadline and process.poll() is None:
