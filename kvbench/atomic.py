@@ -26,10 +26,18 @@ def lock_for(target: Path, lock_path: Path | None = None) -> FileLock:
     return FileLock(str(path))
 
 
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _aside_prefix(target: Path) -> str:
+    return f".{target.name}.old-"
+
+
 def staging_dir(target: Path) -> Path:
     """A fresh hidden sibling of ``target`` to build into (same filesystem, so the final rename is atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; results and caches are meant to be shared
     return staging
 
@@ -65,7 +73,7 @@ def replace_dir(staging: Path, target: Path) -> None:
     """
     trash = None
     if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        trash = Path(tempfile.mkdtemp(prefix=_aside_prefix(target), dir=target.parent))
         os.replace(target, trash / target.name)
     os.replace(staging, target)
     if trash is not None:
@@ -75,8 +83,8 @@ def replace_dir(staging: Path, target: Path) -> None:
 def remove_leftovers(target: Path) -> None:
     """Delete what a killed build of ``target`` left beside it (its staging and renamed-aside directories: a
     SIGKILL skips every ``finally``). Only called under ``target``'s lock, which every builder holds."""
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for leftover in target.parent.glob(pattern):
+    for prefix in (_staging_prefix(target), _aside_prefix(target)):
+        for leftover in target.parent.glob(f"{prefix}*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

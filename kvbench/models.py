@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kvbench import atomic, hub
-from kvbench.errors import KVBenchError
+from kvbench.errors import KVBenchError, first_line
 from kvbench.fingerprint import files_digest, package_version
 from kvbench.model_access import fresh_rotary_state
 
@@ -254,8 +254,7 @@ def load_tokenizer(name_or_path: str = "smollm2-135m", revision: str | None = No
         return AutoTokenizer.from_pretrained(source, **_revision_kwargs(source, revision))
     except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or damaged ones (JSON, a missing backend)
         if isinstance(source, Path) or not isinstance(exc, OSError):
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise KVBenchError(f"could not read a tokenizer from {source}: {reason}; save the model's tokenizer "
+            raise KVBenchError(f"could not read a tokenizer from {source}: {first_line(exc)}; save the model's tokenizer "
                                "files beside it (tokenizer.json or tokenizer.model)") from exc
         raise _hub_error(str(source), exc) from exc
 
@@ -341,8 +340,7 @@ def load_model(spec: ModelSpec):
     except ImportError as exc:
         raise KVBenchError(f"attn_implementation={spec.attn_implementation} is not available here ({exc}); use sdpa or eager") from exc
     except RuntimeError as exc:  # weights whose shapes the config contradicts; out of memory
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KVBenchError(f"could not load a model from {source}: {reason}; check that its config.json matches its "
+        raise KVBenchError(f"could not load a model from {source}: {first_line(exc)}; check that its config.json matches its "
                            "weights and that the device has room for them") from exc
     check_all_weights_loaded(source, loading)
     model.to(device).eval()

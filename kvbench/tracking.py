@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from kvbench.errors import KVBenchError
+from kvbench.errors import KVBenchError, first_line
 
 log = logging.getLogger("kvbench.tracking")
 
@@ -227,7 +227,7 @@ def start_run(
         try:
             return wandb.init(mode=attempt, **kwargs)
         except Exception as exc:  # noqa: BLE001 - wandb raises many types (CommError, UsageError, timeouts)
-            message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            message = first_line(exc)
             if attempt == "online":
                 log.warning("W&B: online init failed (%s); retrying offline", message)
                 try:  # the failed init still holds its run id in wandb's service: a retry with that id needs a new one

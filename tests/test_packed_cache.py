@@ -262,9 +262,12 @@ def test_a_flash_attn_with_the_older_log_sum_exp_layout_is_not_used(version, usa
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(__version__=version,
                                                                          flash_attn_varlen_func=_flash_varlen_stand_in))
+    packed_attention.flash_usable.cache_clear()  # asked once per process
     assert packed_attention.flash_usable() is usable
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    packed_attention.flash_usable.cache_clear()
     assert packed_attention.flash_usable() is False
+    packed_attention.flash_usable.cache_clear()
 
 
 def test_an_empty_question_is_answered_from_the_prefill_output_alone_and_in_a_batch():

@@ -16,6 +16,8 @@ step on SmolLM2 at 2k tokens).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -98,8 +100,10 @@ def _packed_part_flash(layer: PackedLayer, query: torch.Tensor, scaling: float) 
 FLASH_MIN_VERSION = (2, 6)
 
 
+@functools.lru_cache(maxsize=1)
 def flash_usable() -> bool:
-    """flash-attn is installed in a release whose varlen outputs ``_packed_part_flash`` reads."""
+    """flash-attn is installed in a release whose varlen outputs ``_packed_part_flash`` reads (asked once per
+    process: every attention call of a decode step would otherwise parse the version again)."""
     from packaging.version import InvalidVersion, Version
 
     try:
