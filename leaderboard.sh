@@ -110,8 +110,8 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 
 # Quick mode shrinks the data, never the set of presses or ratios. These are task overrides, so kvbench
-# appends them to the run names (e.g. ...__snapkv__0.50__context_length=128__...); few and short, so that
-# with "__query_aware" the suffix stays under kvbench's 80-character limit and is not replaced by a hash.
+# appends those that differ from the defaults to the run names (e.g. ...__snapkv__0.50__context_length=128__...);
+# a suffix holding a list (brackets) or passing kvbench's 80 characters (the eager pass) ends in a digest instead.
 QUICK_ARGS=()
 if [[ "$QUICK" == 1 ]]; then
     case "$DATASET" in

@@ -10,6 +10,7 @@ the Austen novels' extraction (``kvbench.datasets.austen``).
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -84,7 +85,7 @@ def remove_leftovers(target: Path) -> None:
     """Delete what a killed build of ``target`` left beside it (its staging and renamed-aside directories: a
     SIGKILL skips every ``finally``). Only called under ``target``'s lock, which every builder holds."""
     for prefix in (_staging_prefix(target), _aside_prefix(target)):
-        for leftover in target.parent.glob(f"{prefix}*"):
+        for leftover in target.parent.glob(glob.escape(prefix) + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
 

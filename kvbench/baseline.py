@@ -83,3 +83,25 @@ def fill_in_comparisons(cfg: DictConfig, identity: dict, baseline: dict,
         run.add_metrics(added)
         filled.append((run, added))
     return filled
+
+
+def mend_comparisons(cfg: DictConfig, run: RunDirectory,
+                     compare: Callable[[dict, dict], dict]) -> list[tuple[RunDirectory, dict]]:
+    """For a run found complete again: the comparisons a kill or a full disk between its publication and its
+    comparison left unwritten, written now (each run filled in, with the metrics added). A no_press run fills in the
+    compressed runs still lacking one; a compressed run lacking one looks for its baseline again. Without this, a
+    rerun only said "already complete" and the comparison stayed missing for good. The caller holds the
+    comparison lock."""
+    identity, metrics = run.recorded_identity(), run.metrics()
+    if identity is None:
+        return []
+    if cfg.press.name == "no_press":
+        return fill_in_comparisons(cfg, identity, metrics, compare)
+    if COMPARISON_KEY in metrics:
+        return []
+    reference = baseline_metrics(cfg, identity)
+    if reference is None:
+        return []
+    added = compare(metrics, reference)
+    run.add_metrics(added)
+    return [(run, added)]

@@ -25,7 +25,7 @@ def declared_keys(*paths: Path) -> frozenset[str]:
     return frozenset(keys)
 
 
-def _refuse_unknown(keys, known: frozenset[str], where: str, config_file: str) -> None:
+def refuse_unknown(keys, known: frozenset[str], where: str, config_file: str) -> None:
     unknown = sorted(str(k) for k in keys if str(k) not in known)
     if unknown:
         raise KVBenchError(f"{where} has no setting {', '.join(unknown)}; known: {', '.join(sorted(known))} "
@@ -34,11 +34,11 @@ def _refuse_unknown(keys, known: frozenset[str], where: str, config_file: str) -
 
 def check_known_keys(cfg: DictConfig) -> None:
     """Refuse a top-level, ``dataset.*`` or ``model.*`` key no config file declares."""
-    _refuse_unknown(cfg.keys(), TOP_LEVEL_KEYS, "kvbench", "conf/config.yaml")
+    refuse_unknown(cfg.keys(), TOP_LEVEL_KEYS, "kvbench", "conf/config.yaml")
     dataset_file = CONF_DIR / "dataset" / f"{cfg.dataset.name}.yaml"
     if dataset_file.is_file():
-        _refuse_unknown(cfg.dataset.keys(), declared_keys(dataset_file), f"dataset '{cfg.dataset.name}'",
+        refuse_unknown(cfg.dataset.keys(), declared_keys(dataset_file), f"dataset '{cfg.dataset.name}'",
                         f"conf/dataset/{cfg.dataset.name}.yaml")
     model_files = tuple(sorted((CONF_DIR / "model").glob("*.yaml")))
     if model_files and "model" in cfg:
-        _refuse_unknown(cfg.model.keys(), declared_keys(*model_files), "model", "conf/model/")
+        refuse_unknown(cfg.model.keys(), declared_keys(*model_files), "model", "conf/model/")

@@ -316,14 +316,16 @@ def check_all_weights_loaded(source: Path | str, loading: dict) -> None:
                            "point model.name_or_path at a checkpoint saved with AutoModelForCausalLM")
 
 
+def check_attn_implementation(name: str) -> None:
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise KVBenchError(f"unknown attention implementation '{name}'; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+
+
 def load_model(spec: ModelSpec):
     """Return ``(model, tokenizer)`` in eval mode on the resolved device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if spec.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise KVBenchError(
-            f"unknown attention implementation '{spec.attn_implementation}'; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
+    check_attn_implementation(spec.attn_implementation)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     source = resolve_source(spec.name_or_path)

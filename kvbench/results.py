@@ -22,16 +22,17 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench import atomic
+from kvbench.config_defaults import CONF_DIR, spells_out_default  # CONF_DIR: what a setting may be
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import source_digest
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the config files: what a setting may be
 RESULT_FILES = ("predictions.csv", "metrics.json", "config.yaml")
 IDENTITY_FILE = "identity.json"  # what decides reuse: see run_identity
 OVERWRITE_MARK = "overwrite_launch"  # in .partial/<name>/: the launch of the overwrite=true run whose rows these are
@@ -118,17 +119,19 @@ def _variant_part(override: str) -> tuple[str, str] | None:
     return readable, exact
 
 
-def variant_from_overrides(overrides: list[str]) -> str:
+def variant_from_overrides(overrides: list[str], is_default: Callable[[str], bool] | None = None) -> str:
     """Readable suffix from the command-line overrides that change results beyond the four name parts.
 
     Injective: two override lists that differ in a key, a group or a value give different suffixes (a key given
     twice counts once, with its last value, the one Hydra applies). The
     readable text is kept when it is exact (only ``[A-Za-z0-9_.=+-~]``, no ``__`` inside a part); where
     cleaning lost something (``/``, spaces, brackets...) or the text passes 80 characters, a digest of the
-    exact overrides is appended.
+    exact overrides is appended. ``is_default``: which of the applied overrides only spell out the value the
+    config files give (``run_variant``); they name nothing.
     """
     latest = {override.lstrip("+~").partition("=")[0]: override for override in overrides}  # Hydra applies a key's last
-    parts = [p for p in map(_variant_part, latest.values()) if p is not None]
+    applied = [o for o in latest.values() if is_default is None or not is_default(o)]
+    parts = [p for p in map(_variant_part, applied) if p is not None]
     if not parts:
         return ""
     readable = sorted(r for r, _ in parts)
@@ -139,6 +142,13 @@ def variant_from_overrides(overrides: list[str]) -> str:
         digest = hashlib.sha1("\n".join(sorted(e for _, e in parts)).encode()).hexdigest()[:10]
         variant = f"{variant[: MAX_VARIANT - 12].rstrip('-_')}-{digest}"
     return variant
+
+
+def run_variant(cfg: DictConfig, overrides: list[str], choices: Mapping[str, str]) -> str:
+    """The variant of a run composed as ``cfg`` from ``overrides`` (Hydra's task overrides) under these group
+    ``choices`` (Hydra's ``runtime.choices``): an override that leaves its key at the config files' value names
+    nothing, so ``seed=42`` runs in the plain command's directory."""
+    return variant_from_overrides(overrides, functools.partial(spells_out_default, cfg, choices))
 
 
 def run_prefix(dataset: str, model: str) -> str:
@@ -345,16 +355,47 @@ class RunDirectory:
         return None
 
     def checkpoint(self, identity: dict, records: list[dict]) -> None:
-        """Append finished rows (one JSON line each; a torn last line is dropped on resume)."""
-        self.partial.mkdir(parents=True, exist_ok=True)
-        saved = self.partial / IDENTITY_FILE
-        if not saved.exists():
-            atomic.write_text(saved, _json_text(_plain(identity)))
-        with open(self.partial / "rows.jsonl", "a") as handle:
-            for record in records:
-                handle.write(json.dumps(record, default=_json_default) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Append finished rows (one JSON line each; a torn last line is dropped on resume). A write that fails (a
+        full disk) is one error saying how to go on: the rows written before it are kept."""
+        try:
+            self._make_partial()
+            saved = self.partial / IDENTITY_FILE
+            if not saved.exists():
+                atomic.write_text(saved, _json_text(_plain(identity)))
+            with open(self.partial / "rows.jsonl", "a") as handle:
+                for record in records:
+                    handle.write(json.dumps(record, default=_json_default) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise KVBenchError(f"could not checkpoint {self.name} in {self.partial} ({exc.strerror or exc}); free space or "
+                               f"fix {self.root} and rerun the same command to go on from the samples checkpointed "
+                               "before it") from exc
+
+    def _make_partial(self) -> None:
+        """``.partial/<name>/``, created again if another run's ``discard_checkpoint`` removed the (then empty)
+        ``.partial/`` between the two ``mkdir`` calls."""
+        for attempt in range(3):
+            try:
+                self.partial.mkdir(parents=True, exist_ok=True)
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+
+    def discard_checkpoint(self) -> None:
+        """Remove this run's checkpoint, and ``.partial/`` itself once no run has one."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            self.partial.parent.rmdir()
+        except OSError:
+            pass
+
+    def remove_leftovers(self) -> None:
+        """Delete what a finalisation killed mid-way left beside the result: its staging directory, and the old result
+        renamed aside by ``overwrite=true`` (each a whole copy; the rows are still in the checkpoint). Called under
+        the run's lock, which every finalisation holds."""
+        atomic.remove_leftovers(self.path)
 
     # -- completion ---------------------------------------------------------------------------------
     def staging(self) -> Path:
@@ -372,11 +413,7 @@ class RunDirectory:
                 shutil.rmtree(staging, ignore_errors=True)  # the same run finished elsewhere first: keep it
             else:
                 atomic.replace_dir(staging, self.path)
-            shutil.rmtree(self.partial, ignore_errors=True)
-            try:
-                self.partial.parent.rmdir()  # .partial/ itself, once no run is in progress
-            except OSError:
-                pass
+            self.discard_checkpoint()
         return self.path
 
 

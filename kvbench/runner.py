@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import pandas as pd
 import torch
@@ -31,7 +31,8 @@ from kvbench.device import device_model
 from kvbench.errors import KVBenchError
 from kvbench.metrics import metrics_module
 from kvbench.model_access import batch_dependent_rope
-from kvbench.models import ModelSpec, load_config, load_model, max_length, model_inputs, resolve_device, resolve_dtype
+from kvbench.models import (ModelSpec, check_attn_implementation, load_config, load_model, max_length, model_inputs,
+                            resolve_device, resolve_dtype)
 from kvbench.presses import build_press, check_attention
 from kvbench.results import (SPEED_COLUMNS, RunDirectory, create_output_dir, identity_apart_from, identity_difference,
                              run_identity, run_name)
@@ -170,8 +171,9 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise KVBenchError(f"{key} must be an integer{' or null' if key == 'budget' else ''}, got {value!r}")
-    if not isinstance(cfg.get("query_aware", False), bool):
-        raise KVBenchError(f"query_aware must be true or false, got {cfg.query_aware!r}")
+    for key in ("query_aware", "overwrite"):  # bool("no") is True: overwrite=no would replace a finished result
+        if not isinstance(cfg.get(key, False), bool):
+            raise KVBenchError(f"{key} must be true or false, got {cfg.get(key)!r}")
     if dataset_kind(cfg.dataset.name) == "perplexity" and cfg.get("query_aware"):
         raise KVBenchError(f"query_aware=true does not apply to dataset '{cfg.dataset.name}': a perplexity dataset has no question "
                            f"to prefill before compression; drop query_aware")
@@ -194,6 +196,7 @@ def validate(cfg: DictConfig) -> None:
     if batch_size > 1 and layout != "packed":
         raise KVBenchError("batch_size > 1 needs cache_layout=packed (each context keeps its own length); use batch_size=1 "
                            "to compare with the masked layout")
+    check_attn_implementation(str(cfg.model.get("attn_implementation", "sdpa")))
     check_config(cfg.dataset.name, cfg.dataset)
     press = build_press(cfg.press.name, **press_params(cfg))
     check_attention(cfg.press.name, press, cfg.model.get("attn_implementation", "sdpa"), "set model.attn_implementation=eager")
@@ -554,6 +557,7 @@ def execute_many(configs: list[tuple[DictConfig, str]]) -> list[dict | KVBenchEr
         for job in sorted(unique.values(), key=lambda j: str(j.where)):  # one order for every process: no deadlock
             _acquire(job)
             held.append(job)
+            job.directory.remove_leftovers()
         pending = []
         for path, job in unique.items():
             if job.directory.is_complete() and not job.cfg.overwrite:
@@ -563,6 +567,8 @@ def execute_many(configs: list[tuple[DictConfig, str]]) -> list[dict | KVBenchEr
                     results[path] = exc
                     continue
                 print(f"[kvbench] {job.name}: already complete in {job.directory.path} (overwrite=true to rerun)")
+                job.directory.discard_checkpoint()  # left by a kill after the result was published
+                _mend_comparisons(job)
                 results[path] = job.directory.metrics()
             else:
                 pending.append(job)
@@ -639,20 +645,50 @@ def _finish(job: Job, predictions: pd.DataFrame, kind: str, ctx: RunContext, sta
                 metrics.update(scorer.compare_to_baseline(metrics, reference))
         path = _finalize(job, scorer, predictions, metrics)
         if compared and cfg.press.name == "no_press":
-            filled = baseline.fill_in_comparisons(cfg, job.identity, metrics, scorer.compare_to_baseline)
+            filled = _writing_comparisons(job, lambda: baseline.fill_in_comparisons(cfg, job.identity, metrics,
+                                                                                    scorer.compare_to_baseline))
             for run, added in filled:
                 print(f"[kvbench] {run.name}: compared with this no_press run, which finished after it")
-    if filled:
-        from kvbench.tracking import log_added_metrics
-
-        for run, added in filled:  # outside the comparison lock: W&B may take its init timeout
-            log_added_metrics(run.path, added)
+    _log_added_metrics(filled)
     if job.logger == "wandb":
         from kvbench.tracking import log_run
 
         log_run(recorded_config(cfg), metrics, predictions, path)
     print_summary(metrics, path)
     return metrics
+
+
+def _writing_comparisons(job: Job, write: Callable[[], list]) -> list:
+    """``write()``, whose failure to write a ``metrics.json`` (a full disk) is one error saying how to mend it."""
+    try:
+        return write()
+    except OSError as exc:
+        raise KVBenchError(f"could not write the comparison of {job.name} with its no_press run ({exc.strerror or exc}); "
+                           f"free space or fix {job.directory.root} and rerun the same command: the finished results "
+                           "are kept and the comparison is written then") from exc
+
+
+def _mend_comparisons(job: Job) -> None:
+    """A finished perplexity run met again: the comparisons with its baseline that a stopped run left unwritten."""
+    scorer = metrics_module(job.cfg.dataset.name)
+    if dataset_kind(job.cfg.dataset.name) != "perplexity" or not hasattr(scorer, "compare_to_baseline"):
+        return
+    with baseline.comparison_lock(job.cfg):
+        filled = _writing_comparisons(job, lambda: baseline.mend_comparisons(job.cfg, job.directory,
+                                                                             scorer.compare_to_baseline))
+    for run, _ in filled:
+        print(f"[kvbench] {run.name}: compared with its no_press run (the comparison a stopped run left unwritten)")
+    _log_added_metrics(filled)
+
+
+def _log_added_metrics(filled: list) -> None:
+    """Mirror metrics added to finished runs into their W&B runs; outside the comparison lock, as W&B may take its
+    init timeout."""
+    if filled:
+        from kvbench.tracking import log_added_metrics
+
+        for run, added in filled:
+            log_added_metrics(run.path, added)
 
 
 def _finalize(job: Job, scorer, predictions: pd.DataFrame, metrics: dict) -> Path:

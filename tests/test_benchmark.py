@@ -144,6 +144,15 @@ def test_bad_input_refused_before_writing(tiny_config, tmp_path, capsys, args, m
     assert not out.exists()
 
 
+def test_an_out_folder_that_cannot_be_created_is_one_line(tiny_config, tmp_path, capsys):
+    """/proc takes no new folders, for root too (not writable for others, ENOENT for root after the model loaded)."""
+    out = "/proc/kvbench-out/speed"
+    code = main(["--model", f"random:{tiny_config}", "--context-lengths", "96", "--device", "cpu", "--presses", "knorm",
+                 "--ratios", "0.5", "--decode-tokens", "2", "--repeats", "1", "--out", out])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith(f"error: --out {out}") and "give a folder you can write to" in err and "\n" not in err
+
+
 def test_the_model_is_labelled_by_its_folder_name(tiny_config, tmp_path):
     """``Path.stem`` cut ``Llama-3.1-8B`` to ``Llama-3``, and every ``.../config.json`` was labelled ``config``."""
     folder = tmp_path / "Llama-3.1-8B"

@@ -87,6 +87,10 @@ def complete_dirs(out: Path) -> list[Path]:
         (["budget=abc"], "budget must be an integer or null, got 'abc'"),
         (["seed=abc"], "seed must be an integer, got 'abc'"),
         (["query_aware=maybe"], "query_aware must be true or false, got 'maybe'"),
+        (["overwrite=no"], "overwrite must be true or false, got 'no'"),  # a non-empty string: it replaced finished results
+        # a top-level typo without "+": Hydra's six lines, whose advice (add "+") failed in turn
+        (["compresion_ratio=0.5"], "kvbench has no setting compresion_ratio; known: batch_size, budget,"),
+        (["-m", "prss=snapkv,knorm"], "kvbench has no setting prss; known: batch_size, budget,"),
         (["model.dtype=int8"], "unknown dtype 'int8'; use auto, float32, bfloat16 or float16"),
         (["press=snapkv", "press.window_size=0"], "press parameter window_size must be an integer >= 1, got 0"),
         (["press=critical_snapkv", "press.first_stage_ratio=1.5"], "press parameter first_stage_ratio must be a number in [0, 1], got 1.5"),
@@ -105,6 +109,26 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, books, args, e
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert complete_dirs(out) == []
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["dataset.num_samples=0"], "dataset.num_samples must be a positive integer, got 0"),
+    (["dataset.context_length=abc"], "dataset.context_length must be a positive integer, got 'abc'"),
+    (["dataset.tasks=[nope]"], "unknown RULER task(s) nope; valid names: niah_single_1"),
+    (["dataset.source=foo"], "unknown dataset.source 'foo'; use generated or hub"),
+    (["dataset.reserve_generation=maybe"], "dataset.reserve_generation must be true or false, got 'maybe'"),
+    (["dataset.seed=abc"], "dataset.seed must be an integer, got 'abc'"),
+    (["dataset=longbench_e", "dataset.path=/does/not/exist"], "dataset.path=/does/not/exist is not a directory"),
+    (["model.attn_implementation=foo"], "unknown attention implementation 'foo'; use one of eager, sdpa"),
+])
+def test_the_default_datasets_settings_are_refused_before_the_model_is_read(tmp_path, args, expected):
+    """Checked after the model had loaded (minutes for an 8B hub model), each left a lock file; the model here does not
+    exist, so an error naming the setting shows that it came first."""
+    out = tmp_path / "results"
+    result = kvbench(f"output_dir={out}", "model.name_or_path=/does/not/exist", *args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert not (out / ".locks").exists() and complete_dirs(out) == []
 
 
 def _wrapped(inner: Exception) -> OSError:
@@ -513,3 +537,100 @@ def test_a_failed_result_write_leaves_no_staging_and_the_rerun_resumes(tmp_path,
     monkeypatch.setattr(RunDirectory, "finalize", finalize)
     assert runner.execute(cfg)["num_windows"] == 2
     assert len(complete_dirs(out)) == 1
+
+
+def compose_pg19(books, out: Path, *extra: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=pg19_args(books, out, "dataset.max_windows_per_book=2", *extra))
+
+
+@pytest.mark.parametrize("rerun", ["no_press", "knorm"])
+def test_a_comparison_a_kill_left_unwritten_is_written_by_the_next_run_of_either_side(tmp_path, books, monkeypatch,
+                                                                                     capsys, rerun):
+    """Killed after the baseline was published but before it filled in the runs that finished first: rerunning the
+    baseline or the compressed run (both only "already complete") writes the missing comparison."""
+    from kvbench import baseline, runner
+
+    out = tmp_path / "results"
+    knorm_cfg = compose_pg19(books, out, "press=knorm", "compression_ratio=0.5")
+    baseline_cfg = compose_pg19(books, out, "press=no_press")
+    runner.execute(knorm_cfg)
+    monkeypatch.setattr(baseline, "fill_in_comparisons", lambda *args, **kwargs: [])  # the kill, as far as it matters
+    reference = runner.execute(baseline_cfg)["perplexity"]
+    (knorm_dir,) = [p for p in complete_dirs(out) if "__knorm__" in p.name]
+    assert "no_press_perplexity" not in json.loads((knorm_dir / "metrics.json").read_text())
+    monkeypatch.undo()
+    capsys.readouterr()
+    returned = runner.execute(knorm_cfg if rerun == "knorm" else baseline_cfg)
+    assert "already complete" in capsys.readouterr().out
+    metrics = json.loads((knorm_dir / "metrics.json").read_text())
+    assert metrics["no_press_perplexity"] == pytest.approx(reference, rel=1e-12)
+    assert metrics["ratio"] == pytest.approx(metrics["perplexity"] / reference)
+    if rerun == "knorm":
+        assert returned["no_press_perplexity"] == metrics["no_press_perplexity"]
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_goes_on_from_the_kept_rows(tmp_path, books,
+                                                                                              monkeypatch, capsys):
+    import builtins
+    import errno
+
+    from kvbench import results, runner
+
+    out = tmp_path / "results"
+    cfg = compose_pg19(books, out, "press=knorm", "compression_ratio=0.5")
+    appends = []
+
+    def disk_fills_up(path, mode="r", *args, **kwargs):
+        if str(path).endswith("rows.jsonl") and mode == "a":
+            appends.append(path)
+            if len(appends) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(results, "open", disk_fills_up, raising=False)
+    with pytest.raises(KVBenchError, match=r"^could not checkpoint .*knorm.* in .*\.partial.* \(No space left on device\); "
+                                           r"free space or fix .* and rerun the same command to go on"):
+        runner.execute(cfg)
+    (rows,) = (out / ".partial").glob("*/rows.jsonl")
+    assert len(rows.read_text().splitlines()) == 1 and complete_dirs(out) == []
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert runner.execute(cfg)["num_windows"] == 2
+    assert "resuming after 1 finished samples" in capsys.readouterr().out
+
+
+def test_what_a_killed_finalisation_left_is_removed_by_the_next_run_and_nothing_else(tmp_path, books):
+    """A kill inside finalisation leaves the staging copy, the old result set aside by overwrite=true, or the checkpoint
+    of a published result: the next run of the configuration removes them. Another run's staging is not its business."""
+    from kvbench import runner
+
+    out = tmp_path / "results"
+    cfg = compose_pg19(books, out, "press=knorm", "compression_ratio=0.5")
+    runner.execute(cfg)
+    (run_dir,) = complete_dirs(out)
+    left = [out / f".{run_dir.name}.tmp-abc123", out / f".{run_dir.name}.old-def456" / run_dir.name]
+    for folder in left:
+        shutil.copytree(run_dir, folder)
+    (out / ".partial" / run_dir.name).mkdir(parents=True)
+    (out / ".partial" / run_dir.name / "rows.jsonl").write_text("{}\n")
+    other = out / f".{run_dir.name}__window_size=8.tmp-ghi789"  # a longer name's staging: another run's
+    other.mkdir()
+    runner.execute(cfg)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".locks") == sorted([run_dir.name, other.name])
+
+
+def test_a_default_written_out_reuses_the_plain_run_alone_and_in_a_shared_prefill_sweep(tmp_path, books):
+    """``seed=42`` (the default) named a second directory, computed again and listed twice on the leaderboard."""
+    out = tmp_path / "results"
+    args = pg19_args(books, out, "press=knorm", "dataset.max_windows_per_book=2")
+    assert kvbench(*args).returncode == 0
+    (plain,) = complete_dirs(out)
+    solo = kvbench(*args, "seed=42", "press.name=knorm", "batch_size=1")
+    assert solo.returncode == 0 and "already complete" in solo.stdout, solo.stderr[-2000:]
+    sweep = kvbench("-m", "hydra/launcher=shared_prefill", *args, "seed=42", "compression_ratio=0.5,0.25")
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    assert sweep.stdout.count("already complete") == 1  # 0.5 reused; 0.25 computed under the plain name
+    assert sorted(p.name for p in complete_dirs(out)) == sorted([plain.name, plain.name.replace("__0.50", "__0.25")])

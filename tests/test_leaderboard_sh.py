@@ -18,7 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from kvbench.presses import PRESSES
-from kvbench.results import run_name, variant_from_overrides
+from hydra_plugins.kvbench_launchers.shared_prefill import task_config
+from kvbench.results import run_name, run_variant
+from kvbench.runner import result_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "leaderboard.sh"
@@ -61,13 +63,14 @@ def sweep_jobs(command: list[str]) -> list[list[str]]:
 
 
 def run_names(jobs: list[list[str]]) -> set[str]:
-    """The result directory each job writes, computed the way kvbench names runs."""
+    """The result directory each job writes, named by kvbench's own code from the job's composed config."""
     names = set()
-    for job in jobs:
-        values = dict(o.split("=", 1) for o in job)
-        press = values.get("press", "snapkv")
-        ratio = 0.0 if press == "no_press" else float(values.get("compression_ratio", 0.5))
-        names.add(run_name(values["dataset"], values["model"], press, ratio, variant_from_overrides(job)))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for job in jobs:
+            cfg = compose("config", overrides=job, return_hydra_config=True)
+            task = task_config(cfg)
+            variant = run_variant(task, list(cfg.hydra.overrides.task), cfg.hydra.runtime.choices)
+            names.add(result_directory(task, variant).name)
     return names
 
 

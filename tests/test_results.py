@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from kvbench.device import device_model
 from kvbench.errors import KVBenchError
 from kvbench.results import (RunDirectory, format_ratio, identity_config, identity_difference, run_identity, run_name,
-                             variant_from_overrides)
+                             run_variant, variant_from_overrides)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +55,34 @@ def test_a_key_given_twice_is_named_by_the_value_hydra_applies():
     twice = variant_from_overrides(["dataset.context_lengths=[200]", "dataset.context_lengths=[400]"])
     assert twice == variant_from_overrides(["dataset.context_lengths=[400]"]) != variant_from_overrides(["dataset.context_lengths=[200]"])
     assert variant_from_overrides(["press.window_size=32", "press.window_size=64"]) == "press.window_size=64"
+
+
+def variant_of(*overrides: str) -> str:
+    """The variant kvbench's entry point names a run composed from ``overrides`` with."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    choices = cfg.hydra.runtime.choices
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return run_variant(task, list(cfg.hydra.overrides.task), choices)
+
+
+def test_a_default_written_out_names_no_second_directory():
+    """``seed=42`` is the plain command's run: it was computed again under its own name and listed twice."""
+    assert variant_of("seed=42", "budget=null", "batch_size=1", "cache_layout=packed", "max_context_length=null",
+                      "model.dtype=auto", "model.attn_implementation=sdpa", "model.name_or_path=smollm2-135m",
+                      "dataset.num_samples=1", "dataset.source=generated", "dataset.reserve_generation=true",
+                      "press.window_size=64", "press.clustering=topk") == ""
+    assert variant_of("seed=7", "dataset.num_samples=1", "press.window_size=32") == "press.window_size=32__seed=7"
+    # the default of the chosen group's file: epsilon is 0.0001 for critical_snapkv, 0.01 for expected_attention
+    assert variant_of("press=critical_snapkv", "press.epsilon=0.0001") == ""
+    assert variant_of("press=expected_attention", "press.epsilon=0.0001") == "press.epsilon=0.0001"
+    assert variant_of("dataset=pg19", "dataset.context_length=1024", "dataset.eval_length=64") == "eval_length=64"
+    # a key given twice: the value Hydra applies decides
+    assert variant_of("seed=7", "seed=42") == "" and variant_of("seed=42", "seed=7") == "seed=7"
+    # compared as written: another type is another setting (validate refuses the wrong ones)
+    assert variant_of("dataset.num_samples=1.0") == "num_samples=1.0"
+    assert variant_of("++dataset.num_samples=1") == ""
+    assert variant_of("+seed2=42") == "+seed2=42"  # a key no file has (refused later by the known-keys check)
 
 
 def test_long_variants_are_shortened_but_stay_distinct():

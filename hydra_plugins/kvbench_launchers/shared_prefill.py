@@ -75,9 +75,9 @@ def task_config(config: DictConfig) -> DictConfig:
 
 def job_variant(config: DictConfig) -> str:
     """The result-directory suffix a solo run of this job computes (``kvbench.__main__``)."""
-    from kvbench.results import variant_from_overrides
+    from kvbench.results import run_variant
 
-    return variant_from_overrides(list(config.hydra.overrides.task))
+    return run_variant(task_config(config), list(config.hydra.overrides.task), config.hydra.runtime.choices)
 
 
 def job_keys(config: DictConfig, idx: int) -> tuple[str, str]:

@@ -16,6 +16,7 @@ import pandas as pd
 from kvbench import atomic
 from kvbench.benchmark import bound, model_source
 from kvbench.benchmark.speed import CSV_NAME, QUESTION_TOKENS, BenchmarkOptions, check_options, plan, run_grid
+from kvbench.errors import KVBenchError
 from kvbench.models import max_length
 
 DECODE_PLOT = "decode_ms_per_token.png"
@@ -49,7 +50,10 @@ def run(options: BenchmarkOptions) -> pd.DataFrame:
     model_source.check_runtime(options.device, options.dtype, options.attn)
     jobs = plan(options)
     model = model_source.load(source, options.device, options.dtype, options.attn, options.seed)
-    options.out.mkdir(parents=True, exist_ok=True)
+    try:
+        options.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # what the permission check cannot see (a read-only or virtual filesystem)
+        raise KVBenchError(f"--out {options.out} cannot be created ({exc.strerror or exc}); give a folder you can write to") from exc
     for stale in (DECODE_PLOT, CACHE_PLOT):  # an earlier run's plots beside this run's CSV would show other numbers
         (options.out / stale).unlink(missing_ok=True)
     df = run_grid(model, options, jobs, source.name, on_row=lambda partial: _write_csv(partial, options.out))

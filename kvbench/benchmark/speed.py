@@ -80,6 +80,8 @@ def check_options(options: BenchmarkOptions, model_max_length: int | None, decod
     existing = next(path for path in (options.out, *options.out.parents) if path.exists())
     if not existing.is_dir():
         raise KVBenchError(f"--out {options.out}: {existing} is a file; give a folder for the CSV and plots")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KVBenchError(f"--out {options.out}: {existing} is not writable; give a folder you can write to")
 
 
 def plan(options: BenchmarkOptions) -> list[Job]:

@@ -286,22 +286,29 @@ def build_rows(task: str, records: Iterable[Mapping[str, Any]]) -> list[dict]:
 
 
 def check(cfg: Mapping[str, Any]) -> None:
-    """Task names and sample count, checked before the model loads."""
+    """Task names, sample count and a local folder, checked before the model loads."""
     _task_list(cfg)
     positive_int(cfg, "num_samples", None, nullable=True)
+    _local_directory(cfg)
+
+
+def _local_directory(cfg: Mapping[str, Any]) -> Path | None:
+    """``dataset.path``, the folder of LongBench's ``<task>_e.jsonl`` files; None reads the hub."""
+    path = cfg.get("path", None)
+    if path is None:
+        return None
+    directory = Path(str(path)).expanduser()
+    if not directory.is_dir():
+        raise KVBenchError(f"dataset.path={path} is not a directory; point it at the folder holding LongBench's <task>_e.jsonl files")
+    return directory
 
 
 def load(cfg: Mapping[str, Any], tokenizer: Any = None) -> pd.DataFrame:
     """Load LongBench-E rows; the tokenizer is unused because the harness truncates contexts itself."""
     tasks = _task_list(cfg)
-    path = cfg.get("path", None)
     hub_id = str(cfg.get("hub_id", None) or HUB_ID)
     num_samples = positive_int(cfg, "num_samples", None, nullable=True)
-    directory = None
-    if path is not None:
-        directory = Path(str(path)).expanduser()
-        if not directory.is_dir():
-            raise KVBenchError(f"dataset.path={path} is not a directory; point it at the folder holding LongBench's <task>_e.jsonl files")
+    directory = _local_directory(cfg)
     rows: list[dict] = []
     for task in tasks:
         records = _local_rows(directory, task) if directory is not None else _hub_rows(hub_id, task, cfg.get("revision", None))

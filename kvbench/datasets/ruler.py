@@ -72,17 +72,24 @@ def task_kind(task: str) -> str:
     return SPECS[task]["kind"]
 
 
-def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
-    """Both sources yield the same columns (:data:`COLUMNS`), so runs and scorers never depend on the source."""
-    tasks = select_tasks(_option(cfg, "tasks"))
-    length, num_samples = (positive_int(cfg, key, DEFAULTS[key]) for key in ("context_length", "num_samples"))
+def check(cfg: Mapping | None) -> None:
+    """Every setting ``load`` reads, checked before the model loads (minutes for an 8B hub model)."""
+    select_tasks(_option(cfg, "tasks"))
+    for key in ("context_length", "num_samples"):
+        positive_int(cfg, key, DEFAULTS[key])
+    if _source(cfg) == "generated":
+        _generator_settings(cfg)
+
+
+def _source(cfg: Mapping | None) -> str:
     source = str(_option(cfg, "source"))
-    if source == "hub":
-        return _load_hub(cfg, tasks, length, num_samples)
-    if source != "generated":
+    if source not in ("generated", "hub"):
         raise KVBenchError(f"unknown dataset.source '{source}'; use generated or hub")
-    if tokenizer is None:
-        raise KVBenchError("generated RULER prompts are sized with the model's tokenizer; pass one (or use dataset.source=hub)")
+    return source
+
+
+def _generator_settings(cfg: Mapping | None) -> tuple[int, bool]:
+    """``(seed, reserve_generation)`` of the generated source, checked."""
     seed = _option(cfg, "seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise KVBenchError(f"dataset.seed must be an integer, got {seed!r}")
@@ -95,6 +102,18 @@ def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
             f"dataset.ruler_commit records the RULER revision the generator follows ({RULER_COMMIT}); "
             f"'{commit}' is not available: remove the override (or use dataset.source=hub)"
         )
+    return seed, reserve
+
+
+def load(cfg: Mapping | None, tokenizer) -> pd.DataFrame:
+    """Both sources yield the same columns (:data:`COLUMNS`), so runs and scorers never depend on the source."""
+    tasks = select_tasks(_option(cfg, "tasks"))
+    length, num_samples = (positive_int(cfg, key, DEFAULTS[key]) for key in ("context_length", "num_samples"))
+    if _source(cfg) == "hub":
+        return _load_hub(cfg, tasks, length, num_samples)
+    if tokenizer is None:
+        raise KVBenchError("generated RULER prompts are sized with the model's tokenizer; pass one (or use dataset.source=hub)")
+    seed, reserve = _generator_settings(cfg)
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
