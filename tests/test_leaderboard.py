@@ -461,6 +461,14 @@ def test_a_budget_run_sits_at_its_achieved_kept_fraction(tmp_path):
     assert grid.loc["snapkv [budget=128]", "0.70"] == 60.0 and grid.loc["knorm", "0.50"] == 50.0
 
 
+def test_budget_runs_configured_at_two_ratios_that_kept_one_fraction_share_a_cell_as_their_mean(tmp_path):
+    for configured, score in ((0.5, 40.0), (0.25, 70.0)):  # a budget ignores the ratio: both keep half
+        write_run(tmp_path, "ruler", MODEL, "snapkv", configured, score, variant="budget=128",
+                  speed={"kv_kept_fraction": 0.5}, extra={"budget": 128})
+    grid = score_grid(load_results(tmp_path)[0], "ruler", MODEL)
+    assert list(grid.columns) == ["0.50"] and grid.loc["snapkv [budget=128]", "0.50"] == 55.0
+
+
 def test_two_results_with_one_identity_are_flagged_not_averaged(tmp_path):
     first = write_run(tmp_path, "ruler", MODEL, "snapkv", 0.5, 60.0)
     copy = tmp_path / (first.name + "__copy")

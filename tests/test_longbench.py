@@ -567,3 +567,17 @@ def test_a_thinking_template_is_told_not_to_think(tokenizer):
     prompt = build_prompt(qwen_like, "Some context.", ["Which?"], "Answer:", use_chat_template=True)
     turn = qwen_like.decode(prompt.question_ids[0][0].tolist())
     assert turn.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nAnswer:"), turn
+
+
+def test_every_task_is_scored_by_longbenchs_own_metric():
+    """LongBench's eval.py ``dataset2metric`` (the jieba-segmented Chinese metrics aside, which kvbench refuses)."""
+    from kvbench.metrics.longbench import TASK_METRICS
+
+    reference = {
+        "narrativeqa": "qa_f1_score", "qasper": "qa_f1_score", "multifieldqa_en": "qa_f1_score", "hotpotqa": "qa_f1_score",
+        "2wikimqa": "qa_f1_score", "musique": "qa_f1_score", "gov_report": "rouge_score", "qmsum": "rouge_score",
+        "multi_news": "rouge_score", "trec": "classification_score", "triviaqa": "qa_f1_score", "samsum": "rouge_score",
+        "lsht": "classification_score", "passage_retrieval_en": "retrieval_score", "passage_count": "count_score",
+        "passage_retrieval_zh": "retrieval_zh_score", "lcc": "code_sim_score", "repobench-p": "code_sim_score",
+    }
+    assert {task: metric.__name__ for task, metric in TASK_METRICS.items()} == reference

@@ -49,6 +49,20 @@ def test_packed_cache_holds_at_most_its_share_of_the_bytes(name, ratio):
     assert packed <= masked
 
 
+def test_both_layouts_count_each_heads_own_kept_tokens():
+    """The masked layout pads every head to the layer's longest; the padding is not kept (it would inflate
+    ``kv_kept_fraction``). Expected Attention: heads keep different counts at this size (AdaKV-SnapKV does not,
+    its 64-token window filling every head alike)."""
+    model, ids = tiny_model("llama"), _ids(CONTEXT, 0)
+    press = kvbench.build_press("expected_attention", compression_ratio=0.5)
+    packed, masked = _cache(model, ids, press), _cache(model, ids, press, "masked")
+    lengths = [layer.lengths for layer in packed.layers]
+    assert all(len(set(per_head.flatten().tolist())) > 1 for per_head in lengths)
+    assert [layer.kept_pairs() for layer in masked.layers] == [int(per_head.sum()) for per_head in lengths]
+    assert [layer.kept_pairs() for layer in packed.layers] == [int(per_head.sum()) for per_head in lengths]
+    assert all(layer.keys.shape[1] * layer.keys.shape[2] > layer.kept_pairs() for layer in masked.layers)
+
+
 @pytest.mark.parametrize("name", ["adakv_snapkv", "snapkv"])
 def test_a_compressed_cache_keeps_its_share_of_the_bytes_while_it_decodes(name):
     """The append buffer's spare space counts: it was an eighth of a row and at least 64 tokens, which took a
@@ -76,6 +90,31 @@ def test_packed_and_masked_layouts_decode_the_same_tokens(family, impl):
         packed = answer_prompts(model, Tok(), [prompt], [press], [[8, 8]], "packed")[0][0]
         masked = answer_prompts(model, Tok(), [prompt], [press], [[8, 8]], "masked")[0][0]
         assert [a.token_ids for a in packed.answers] == [a.token_ids for a in masked.answers]
+
+
+def test_a_batch_shares_its_prefill_and_compression_time_out_among_its_contexts(monkeypatch):
+    """Each context records its share of the batch's one prefill: the whole batch's time in every row made the
+    prefill column batch-size times too high."""
+    from kvbench import generation
+
+    real = generation.prefill_many
+
+    def four_seconds(*args, **kwargs):
+        done = real(*args, **kwargs)
+        done.prefill_seconds = [4.0] * len(done.prefill_seconds)
+        for stats in done.stats:
+            stats.seconds = 1.0
+        return done
+
+    monkeypatch.setattr(generation, "prefill_many", four_seconds)
+    model = tiny_model("llama")
+    prompts = [Prompt(_ids(n, n), [_ids(3, n + 1)]) for n in (80, 64)]
+    press = kvbench.build_press("snapkv", compression_ratio=0.5)
+    runs = answer_prompts(model, Tok(), prompts, [press], [[2], [2]])[0]
+    assert [r.prefill_seconds for r in runs] == [2.0, 2.0]
+    assert [r.compression.seconds for r in runs] == [0.5, 0.5]
+    scored = continuations_nll(model, [p.context_ids for p in prompts], [p.question_ids[0] for p in prompts], [press])[0]
+    assert [run.prefill_seconds for _, _, run in scored] == [2.0, 2.0]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])

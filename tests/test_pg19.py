@@ -325,3 +325,8 @@ def test_perplexity_metric_errors():
         perplexity.compute(pd.DataFrame({"id": ["a"], "window": [0], "num_tokens": [1]}))
     with pytest.raises(KVBenchError):
         perplexity.compute(_windows().iloc[0:0])
+    # a window with no evaluation tokens is left out of every figure; only such windows: no perplexity, one line
+    empty = pd.DataFrame([{"id": "c", "window": 0, "nll_sum": 0.0, "num_tokens": 0}])
+    assert perplexity.compute(pd.concat([_windows(), empty])) == perplexity.compute(_windows())
+    with pytest.raises(KVBenchError, match="no perplexity windows with evaluation tokens"):
+        perplexity.compute(empty)

@@ -239,3 +239,18 @@ def test_apply_rope_is_the_models_rotation_to_the_bit(rotary_dims):
         rot = x[..., :rotary_dims]
         expected = torch.cat((rot * cos[:, None] + rotate_half(rot) * sin[:, None], x[..., rotary_dims:]), dim=-1)
     assert torch.equal(ours, expected)
+
+
+def test_the_random_press_draws_other_scores_in_every_layer_and_the_same_ones_again():
+    """The floor every method must beat: one seed for all layers would drop the same positions in each of them."""
+    from dataclasses import replace
+
+    from kvbench.presses.base import LayerState
+
+    keys = torch.zeros(1, 2, 50, 4)
+    state = LayerState(module=None, layer_idx=0, hidden_states=None, keys=keys, values=keys, cos=None, sin=None, rotary=None)
+    press = kvbench.build_press("random", compression_ratio=0.5)
+    first, second = press.score(state), press.score(replace(state, layer_idx=1))
+    assert first.shape == (1, 2, 50) and not torch.equal(first, second)
+    assert torch.equal(first, press.score(state))
+    assert not torch.equal(first, kvbench.build_press("random", compression_ratio=0.5, seed=1).score(state))

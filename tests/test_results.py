@@ -85,6 +85,12 @@ def test_a_default_written_out_names_no_second_directory():
     assert variant_of("+seed2=42") == "+seed2=42"  # a key no file has (refused later by the known-keys check)
 
 
+def test_a_value_holding_the_part_separator_is_not_read_as_two_overrides():
+    """Parts are joined with "__": a value containing it would name two other overrides' directory."""
+    assert variant_from_overrides(["dataset.context_length=4096__seed=7"]) != variant_from_overrides(
+        ["dataset.context_length=4096", "seed=7"])
+
+
 def test_long_variants_are_shortened_but_stay_distinct():
     a = variant_from_overrides([f"dataset.tasks=[{','.join('t' + str(i) for i in range(40))}]"])
     b = variant_from_overrides([f"dataset.tasks=[{','.join('t' + str(i) for i in range(41))}]"])
@@ -171,10 +177,10 @@ def _identity(dtype="float32", device_name="CPU A", **extra):
     return run_identity(_cfg(**extra), dtype=dtype, device_type="cpu", device_name=device_name)
 
 
-def _finish(directory, identity, score=1.0):
+def _finish(directory, identity, score=1.0, overwrite=False):
     staging = directory.staging()
     predictions = pd.DataFrame({"sample_id": ["a"], "context": ["long"], "answers": [["x", "y"]]})
-    return directory.finalize(staging, predictions, {"score": score}, _cfg(), identity, overwrite=False)
+    return directory.finalize(staging, predictions, {"score": score}, _cfg(), identity, overwrite=overwrite)
 
 
 def test_identity_leaves_out_where_and_how_results_are_kept():
@@ -285,6 +291,31 @@ def test_torn_checkpoint_lines_are_dropped_and_later_rows_survive(tmp_path):
     assert list(directory.load_checkpoint(ident)["sample_id"]) == ["a", "c"]
     (directory.partial / "rows.jsonl").write_text('{"sample_id": "x"')
     assert directory.load_checkpoint(ident) is None
+
+
+def test_overwrite_replaces_a_finished_result_of_the_same_identity(tmp_path):
+    """Without overwrite, a result another process finished first is kept (same identity, same numbers); with it,
+    the new run's files replace it (a rerun to re-time the same setup)."""
+    directory = RunDirectory(tmp_path, "d__m__p__0.50")
+    _finish(directory, _identity(), score=1.0)
+    _finish(directory, _identity(), score=2.0)
+    assert directory.metrics()["score"] == 1.0
+    _finish(directory, _identity(), score=3.0, overwrite=True)
+    assert directory.metrics()["score"] == 3.0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".locks"] == []
+
+
+def test_a_checkpoint_whose_last_line_lost_its_newline_takes_later_rows_on_lines_of_their_own(tmp_path):
+    """A kill between a record and its newline: the record is whole and kept, and the file is mended so the next
+    append does not glue two records into one unreadable line (both samples would be computed again)."""
+    directory, ident = RunDirectory(tmp_path, "d__m__p__0.50"), _identity()
+    directory.checkpoint(ident, [{"sample_id": "a", "prediction": "1"}])
+    rows = directory.partial / "rows.jsonl"
+    rows.write_text(rows.read_text().rstrip("\n"))
+    assert list(directory.load_checkpoint(ident)["sample_id"]) == ["a"]
+    directory.checkpoint(ident, [{"sample_id": "b", "prediction": "2"}, {"sample_id": "a", "prediction": "again"}])
+    resumed = directory.load_checkpoint(ident)
+    assert list(resumed["sample_id"]) == ["a", "b"] and list(resumed["prediction"]) == ["1", "2"]  # one row per sample
 
 
 def test_a_corrupt_metrics_file_is_not_complete(tmp_path):

@@ -650,3 +650,18 @@ def test_task_figures_and_nulls_equal_ruler_eval(task, preds, refs):
     assert result["per_task"] == {task: _ruler_eval(task, preds, refs)}
     assert result["per_task"][task] != pytest.approx(100 * np.mean([ruler_metric.score_task(task, p, r) / 100 for p, r in zip(preds, refs)]), abs=1e-9)
     assert result["per_task_nulls"] == {task: sum(not p.strip() for p in preds)}
+
+
+def test_vt_threads_a_chain_as_rulers_loop_does():
+    """RULER (variable_tracking.py): sorted positions drawn from range(len(sentences)), chain[j] inserted at
+    position + j, so each statement lands after the lines drawn before it and the chain stays in order."""
+    from kvbench.datasets.ruler_tasks import thread
+
+    lines, chain = [f"line {i}." for i in range(12)], ["VAR A = 1", "VAR B = VAR A", "VAR C = VAR B"]
+    for seed in range(20):
+        expected = list(lines)
+        rng = random.Random(seed)
+        positions = sorted(rng.sample(range(len(expected)), len(chain)))
+        for j, position in enumerate(positions):
+            expected.insert(position + j, chain[j])
+        assert thread(lines, chain, random.Random(seed)) == expected

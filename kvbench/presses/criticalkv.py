@@ -230,7 +230,8 @@ class CriticalAdaKVPress(CriticalKVPress):
         # AdaKV's safeguard tokens are the head's best base scores, so they stay in stage one even when
         # the head's first-stage share is smaller.
         first = (budgets * self.first_stage_ratio).long().clamp_min(selection.safeguard_count(n_kept, self.alpha_safeguard))
-        # selection.two_stage, with the stage-one mask computed first so the norms can skip it
+        # Each head keeps its `first` best tokens by the base score, then fills its budget with the best of the
+        # rest by the rescaled score (stage_two_scores forces stage one in); the budgets never move between heads.
         stage_one = selection.ranks(scores) < first[..., None]
         rescaled = stage_two_scores(scores, state, stage_one, (budgets - first).clamp_min(0), self.epsilon)
         return selection.Selection(mask=selection.ranks(rescaled) < budgets[..., None])

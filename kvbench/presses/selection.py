@@ -71,13 +71,3 @@ def ranks(scores: torch.Tensor) -> torch.Tensor:
     """Rank of every token inside its head (0 = best score), so per-head counts can differ without a loop."""
     order = scores.argsort(dim=-1, descending=True)
     return torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-
-
-def two_stage(scores: torch.Tensor, rescaled: torch.Tensor, first: torch.Tensor, budgets: torch.Tensor) -> Selection:
-    """CriticalKV's two stages with a budget per head (``first``, ``budgets``: ``[batch, kv_heads]`` counts).
-
-    Each head keeps its ``first`` best tokens by ``scores``, then fills its budget with the best of the rest by
-    ``rescaled``. The budgets are given, so the second stage never moves budget between heads.
-    """
-    stage_one = ranks(scores) < first[..., None]
-    return Selection(mask=ranks(forced(rescaled, stage_one)) < budgets[..., None])
