@@ -5,16 +5,15 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kvbench.config_defaults import CONF_DIR
 from kvbench.errors import KVBenchError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUP_HINTS = {
     "model": "or keep a preset and set model.name_or_path=<local dir or hub id> model.name=<short name>",
     "dataset": "",

@@ -663,9 +663,9 @@ def _writing_comparisons(job: Job, write: Callable[[], list]) -> list:
     try:
         return write()
     except OSError as exc:
-        raise KVBenchError(f"could not write the comparison of {job.name} with its no_press run ({exc.strerror or exc}); "
-                           f"free space or fix {job.directory.root} and rerun the same command: the finished results "
-                           "are kept and the comparison is written then") from exc
+        raise KVBenchError(f"{job.name}: could not write the comparison with the no_press run into metrics.json "
+                           f"({exc.strerror or exc}); free space or fix {job.directory.root} and rerun the same command: "
+                           "the finished results are kept and the comparison is written then") from exc
 
 
 def _mend_comparisons(job: Job) -> None:

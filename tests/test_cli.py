@@ -572,6 +572,31 @@ def test_a_comparison_a_kill_left_unwritten_is_written_by_the_next_run_of_either
         assert returned["no_press_perplexity"] == metrics["no_press_perplexity"]
 
 
+def test_a_full_disk_while_the_baseline_fills_in_a_comparison_is_one_line_and_the_rerun_writes_it(tmp_path, books,
+                                                                                                 monkeypatch):
+    import errno
+
+    from kvbench import runner
+    from kvbench.results import RunDirectory
+
+    out = tmp_path / "results"
+    knorm_cfg = compose_pg19(books, out, "press=knorm", "compression_ratio=0.5")
+    baseline_cfg = compose_pg19(books, out, "press=no_press")
+    runner.execute(knorm_cfg)
+
+    def disk_full(self, extra):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunDirectory, "add_metrics", disk_full)
+    with pytest.raises(KVBenchError, match=r"^pg19__.*no_press.*: could not write the comparison with the no_press run "
+                                           r"into metrics.json \(No space left on device\); free space or fix .* and rerun"):
+        runner.execute(baseline_cfg)
+    monkeypatch.undo()
+    reference = runner.execute(baseline_cfg)["perplexity"]  # already complete: fills the comparison in
+    (knorm_dir,) = [p for p in complete_dirs(out) if "__knorm__" in p.name]
+    assert json.loads((knorm_dir / "metrics.json").read_text())["no_press_perplexity"] == pytest.approx(reference, rel=1e-12)
+
+
 def test_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_goes_on_from_the_kept_rows(tmp_path, books,
                                                                                               monkeypatch, capsys):
     import builtins
