@@ -22,7 +22,9 @@ UNKNOWN = object()
 
 
 @functools.lru_cache(maxsize=None)
-def _file_values(path: Path) -> dict | None:
+def file_values(path: Path) -> dict | None:
+    """A config file as written (interpolations unresolved), read once per process; None when there is none. Shared
+    between callers: read it, never change it."""
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None
 
 
@@ -34,7 +36,7 @@ def default_of(key: str, choices: Mapping[str, str]) -> object:
         path, parts = CONF_DIR / group / f"{choices.get(group)}.yaml", leaf.split(".")
     else:
         path, parts = CONF_DIR / "config.yaml", key.split(".")
-    node = _file_values(path)
+    node = file_values(path)
     for part in parts:
         if not isinstance(node, dict) or part not in node:
             return UNKNOWN

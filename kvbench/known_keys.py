@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from kvbench.config_defaults import file_values
 from kvbench.errors import KVBenchError
 from kvbench.results import CONF_DIR, TOP_LEVEL_KEYS
 
@@ -21,7 +22,7 @@ def declared_keys(*paths: Path) -> frozenset[str]:
     """The top-level keys the config files declare (their Hydra ``defaults`` list aside)."""
     keys: set[str] = set()
     for path in paths:
-        keys |= {str(k) for k in (OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}) if k != "defaults"}
+        keys |= {str(k) for k in (file_values(Path(path)) or {}) if k != "defaults"}
     return frozenset(keys)
 
 

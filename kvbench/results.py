@@ -29,7 +29,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench import atomic
-from kvbench.config_defaults import CONF_DIR, spells_out_default  # CONF_DIR: what a setting may be
+from kvbench.config_defaults import CONF_DIR, file_values, spells_out_default  # CONF_DIR: what a setting may be
 from kvbench.errors import KVBenchError
 from kvbench.fingerprint import source_digest
 
@@ -83,10 +83,8 @@ def slug(text: str) -> str:
 def _known_top_level_keys() -> frozenset[str]:
     """Top-level keys of ``conf/config.yaml`` (plus the config groups): a group's key of the same name keeps
     its group in a variant, so ``seed=7`` and ``dataset.seed=7`` never share a name."""
-    path = CONF_DIR / "config.yaml"
     keys = set(IDENTITY_GROUPS) | set(NEUTRAL_KEYS) | {"seed", "budget", "query_aware", "max_context_length"}
-    if path.is_file():
-        keys |= {k for k in (OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}) if k != "defaults"}
+    keys |= {k for k in (file_values(CONF_DIR / "config.yaml") or {}) if k != "defaults"}
     return frozenset(keys)
 
 
