@@ -46,6 +46,14 @@ def complete_dirs(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if not p.name.startswith(".") and (p / "metrics.json").exists()] if out.exists() else []
 
 
+def compose_pg19(books, out: Path, *extra: str):
+    """The config of a small PG-19 run (two windows per book), composed as the command line would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=pg19_args(books, out, "dataset.max_windows_per_book=2", *extra))
+
+
 @pytest.mark.parametrize(
     "args,expected",
     [
@@ -470,13 +478,10 @@ def test_a_run_batched_otherwise_than_its_baseline_is_still_compared_with_it(tmp
     assert twin.returncode == 0, twin.stderr[-2000:]
     (twin_dir,) = [p for p in complete_dirs(out) if "__no_press__" in p.name and "batch_size=2" in p.name]
     twin_ppl = json.loads((twin_dir / "metrics.json").read_text())["perplexity"]
-    from hydra import compose, initialize_config_dir
-
     from kvbench import baseline as baseline_module
     from kvbench.runner import expected_identity
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=pg19_args(books, out, "press=knorm", "compression_ratio=0.5", "batch_size=2", *common))
+    cfg = compose_pg19(books, out, "press=knorm", "compression_ratio=0.5", "batch_size=2")
     assert baseline_module.baseline_metrics(cfg, expected_identity(cfg))["perplexity"] == twin_ppl != 99.0
 
 
@@ -513,14 +518,11 @@ def test_a_failed_result_write_leaves_no_staging_and_the_rerun_resumes(tmp_path,
     (it sat on the full disk), and the rerun finishes from the checkpoint."""
     import errno
 
-    from hydra import compose, initialize_config_dir
-
     from kvbench import runner
     from kvbench.results import RunDirectory
 
     out = tmp_path / "results"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=pg19_args(books, out, "press=knorm", "dataset.max_windows_per_book=2"))
+    cfg = compose_pg19(books, out, "press=knorm")
     finalize = RunDirectory.finalize
 
     def disk_full(self, staging, *args, **kwargs):
@@ -537,13 +539,6 @@ def test_a_failed_result_write_leaves_no_staging_and_the_rerun_resumes(tmp_path,
     monkeypatch.setattr(RunDirectory, "finalize", finalize)
     assert runner.execute(cfg)["num_windows"] == 2
     assert len(complete_dirs(out)) == 1
-
-
-def compose_pg19(books, out: Path, *extra: str):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=pg19_args(books, out, "dataset.max_windows_per_book=2", *extra))
 
 
 @pytest.mark.parametrize("rerun", ["no_press", "knorm"])
